@@ -1,0 +1,671 @@
+"""Data stage: the paper's four Amazon datasets, from review files to the tensors the losses and the beam search use.
+
+Read top to bottom: datasets and the prompt (SPEC §1), reading the processed CSV files and the splits, dataset
+statistics, the item trie (SPEC §2), tokenising examples, batching, the raw Amazon pipeline (SPEC §6), the
+download of the authors' processed files, and the CLI:
+
+    python data.py --dataset office --stats [--tokenizer MODEL_DIR]      # Table 1 numbers, splits, trie, checks
+    python data.py --dataset toy --download                             # fetch the authors' processed files
+    python data.py --raw-reviews reviews_Office_Products_5.json --raw-meta meta_Office_Products.json --out DIR
+"""
+import argparse
+import ast
+import csv
+import dataclasses
+import gzip
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+# ----------------------------------------------------------------------------------------------------------------
+# Datasets and the prompt (SPEC §1)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    folder: str            # sub-folder of the data root
+    instruction: str
+    prefix: str
+    remote_folder: str     # folder name in the authors' public release (used by --download)
+    release_files: tuple[str, ...] = ("id2name4Rec.json", "train.csv", "train_10000.csv", "valid.csv", "test.csv")
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "office": DatasetInfo(
+        "Office",
+        "Given a list of office products the user has used before, please recommend a new office product that "
+        "the user likes to the user.",
+        "The user has used the following office products before:", "Office"),
+    "book": DatasetInfo(
+        "Book",
+        "Given a list of books the user has read before, please recommend a new book that the user likes to the user.",
+        "The user has read the following books before:", "Amazon_Books"),
+    "toy": DatasetInfo(
+        "Toy",
+        "Given a list of toys the user has played before, please recommend a new toy that the user likes to the user.",
+        "The user has played the following toys before:", "Toy",
+        ("id2name4Rec.json", "train_5000.csv", "valid.csv", "test.csv")),
+    "clothing": DatasetInfo(
+        "Clothing",
+        "Given a list of clothing the user has worn before, please recommend a new clothing that the user likes to "
+        "the user.",
+        "The user has worn the following clothing before:", "Clothing"),
+}
+
+# One template for training and inference. The authors' code has stray whitespace that differs between the two
+# (a trailing space after "request." in training, two at inference, "\n " after the titles); we use the clean form.
+PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+          "Write a response that appropriately completes the request.\n\n"
+          "### Instruction:\n{instruction}\n\n"
+          "### Input:\n{prefix} {titles}\n\n"
+          "### Response:\n")
+
+# Paper Table 1 (users, items, interactions), printed beside our reconstruction by --stats.
+TABLE1 = {"office": (4895, 2414, 53149), "book": (16559, 6344, 151928),
+          "toy": (19124, 11758, 165247), "clothing": (39230, 22948, 277534)}
+DEFAULT_DOWNLOAD_URL = "https://raw.githubusercontent.com/WANGBohaO-jpg/MSL/main/data"
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    key = name.lower()
+    if key not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
+    return DATASETS[key]
+
+
+def target_text(title: str) -> str:
+    return '"' + title + '"'
+
+
+def build_prompt(info: DatasetInfo, history_titles: Sequence[str]) -> str:
+    titles = ", ".join(target_text(t) for t in history_titles)
+    return PROMPT.format(instruction=info.instruction, prefix=info.prefix, titles=titles)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Processed files and splits
+
+
+@dataclass
+class DataConfig:
+    dataset: str
+    data_dir: str | None = None   # None -> $BEAR_DATA -> ./data
+    train_samples: int = 10000    # the paper trains on sample(n=10000, random_state=42) of train; <= 0: all of train
+    seed: int = 42
+    max_history: int = 10
+
+
+@dataclass(frozen=True)
+class Example:
+    user_id: int
+    history: tuple[int, ...]
+    target: int
+    timestamp: int                # time of the target interaction
+
+
+@dataclass
+class Dataset:
+    info: DatasetInfo
+    titles: dict[int, str]
+    train: list[Example]
+    valid: list[Example]
+    test: list[Example]
+    notes: list[str]              # how the splits were made where the release lacks a file (print these)
+
+    def prompt(self, example: Example) -> str:
+        return build_prompt(self.info, [self.titles[i] for i in example.history])
+
+
+def resolve_data_root(data_dir: str | None) -> Path:
+    root = Path(data_dir or os.environ.get("BEAR_DATA") or "./data")
+    if not root.is_dir():
+        raise FileNotFoundError(f"data root {root} does not exist (give --data-dir, set $BEAR_DATA, or --download)")
+    return root
+
+
+def read_titles(path: Path) -> dict[int, str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"missing file {path}")
+    with open(path, encoding="utf-8") as f:
+        raw = json.load(f)
+    titles = {int(k): v for k, v in raw.items()}
+    for item, title in titles.items():
+        # A '"' inside a title would close the quoted target early, so the prompt could not be parsed back.
+        if '"' in title:
+            raise ValueError(f"{path}: title of item {item} contains a literal '\"': {title!r}")
+    return titles
+
+
+def read_windows(path: Path, titles: dict[int, str], max_history: int = 10) -> list[Example]:
+    """One Example per CSV row: user_id, item_ids (a Python-list string, last = target), timestamp; extra columns
+    are ignored."""
+    if not path.is_file():
+        raise FileNotFoundError(f"missing file {path}")
+    examples = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, None) or []
+        missing = [c for c in ("user_id", "item_ids", "timestamp") if c not in header]
+        if missing:
+            raise ValueError(f"{path}: header lacks column(s) {', '.join(missing)}")
+        col_user, col_items, col_time = (header.index(c) for c in ("user_id", "item_ids", "timestamp"))
+        try:
+            for row in reader:
+                where = f"{path}:{reader.line_num}"
+                try:
+                    items = json.loads(row[col_items])   # "[1, 2, 3]" is valid JSON and 10x faster than literal_eval
+                    user, timestamp = int(row[col_user]), int(row[col_time])
+                except (IndexError, ValueError) as e:
+                    raise ValueError(f"{where}: malformed row ({e.__class__.__name__}: {e})") from None
+                if len(row) != len(header) or not isinstance(items, list) or \
+                        not all(type(i) is int for i in items):
+                    raise ValueError(f"{where}: malformed row (want {len(header)} fields and a list of item ids)")
+                if len(items) < 2:
+                    raise ValueError(f"{where}: empty history (item_ids needs a history item before the target)")
+                unknown = [i for i in items if i not in titles]
+                if unknown:
+                    raise ValueError(f"{where}: item id {unknown[0]} is not in id2name4Rec.json")
+                examples.append(Example(user, tuple(items[:-1][-max_history:]), items[-1], timestamp))
+        except csv.Error as e:
+            raise ValueError(f"{path}:{reader.line_num}: malformed row ({e})") from None
+    return examples
+
+
+def sample_indices(num_rows: int, n: int, seed: int) -> np.ndarray:
+    """Row indices of pandas' DataFrame.sample(n, random_state=seed): pandas draws
+    RandomState(seed).choice(num_rows, n, replace=False), which is permutation(num_rows)[:n]. So sample(m) is the
+    first m rows of sample(n) for m <= n."""
+    if n > num_rows:
+        raise ValueError(f"--train-samples {n} exceeds the {num_rows} training windows")
+    return np.random.RandomState(seed).permutation(num_rows)[:n]
+
+
+def chronological_holdout(rows: list[Example], parts: int = 9) -> set[int]:
+    """Positions of the chronologically last len(rows) // parts rows (a stable sort, so ties keep file order)."""
+    by_time = sorted(range(len(rows)), key=lambda i: rows[i].timestamp)
+    return set(by_time[len(rows) - len(rows) // parts:])
+
+
+def load_dataset(config: DataConfig) -> Dataset:
+    info = dataset_info(config.dataset)
+    if config.max_history < 1:
+        raise ValueError(f"max_history must be >= 1, got {config.max_history}")
+    folder = resolve_data_root(config.data_dir) / info.folder
+    if not folder.is_dir():
+        raise FileNotFoundError(f"missing dataset folder {folder} (try: python data.py --dataset {config.dataset} "
+                                f"--download)")
+    titles = read_titles(folder / "id2name4Rec.json")
+    read = lambda name: read_windows(folder / name, titles, config.max_history)  # noqa: E731
+    notes = []
+
+    if (folder / "train.csv").is_file():
+        full_train = read("train.csv")
+        source = "train.csv"
+    else:
+        # Toy: only the authors' sample was released. The sample files are pandas samples of the full train, so
+        # their first m rows are exactly sample(m) (see sample_indices).
+        ready = sorted(folder.glob("train_*.csv"), key=lambda p: int(p.stem.split("_")[1]))
+        if not ready:
+            raise FileNotFoundError(f"missing file {folder / 'train.csv'} (and no train_<N>.csv)")
+        fits = [p for p in ready if int(p.stem.split("_")[1]) >= config.train_samples > 0]
+        path = fits[0] if fits else ready[-1]
+        full_train, source = read(path.name), path.name
+        notes.append(f"{info.folder}: train.csv is not in the release; using {path.name} as is (the first rows of "
+                     f"the authors' seed-42 sample of the full train, i.e. exactly sample(m) for m <= its rows)")
+
+    if (folder / "valid.csv").is_file():
+        valid, held_out = read("valid.csv"), set()
+    else:
+        # Book, Clothing: no valid split was released. Hold out the chronologically last 1/9 of train so that
+        # train : valid : test stays about 8 : 1 : 1 and model selection never looks at the test set.
+        held_out = chronological_holdout(full_train)
+        valid = [row for i, row in enumerate(full_train) if i in held_out]
+        notes.append(f"{info.folder}: no valid.csv in the release; valid = the chronologically last 1/9 of "
+                     f"{source} ({len(valid)} windows), removed from the training pool")
+
+    if config.train_samples <= 0:
+        order = range(len(full_train))
+    elif source == "train.csv":
+        order = sample_indices(len(full_train), config.train_samples, config.seed)
+    else:
+        order = range(min(config.train_samples, len(full_train)))
+        if config.seed != 42:
+            raise ValueError(f"{source} is a seed-42 sample; it cannot give a sample with seed {config.seed}")
+        if config.train_samples > len(full_train):
+            notes.append(f"{info.folder}: asked for {config.train_samples} training windows, {source} has only "
+                         f"{len(full_train)}; using all of them")
+    # The sample is drawn from the FULL train (so it is the authors' train_10000.csv row for row) and the held-out
+    # rows are then dropped from it, which leaves about 8/9 of n windows but never trains on a validation window.
+    train = [full_train[i] for i in order if i not in held_out]
+    if held_out and config.train_samples > 0:
+        notes.append(f"{info.folder}: the training sample is the authors' sample of {source} minus its held-out "
+                     f"rows: {len(train)} of {len(order)} windows")
+    test = read("test.csv")
+    return Dataset(info, titles, train, valid, test, notes)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Statistics (paper Table 1)
+
+
+def dataset_statistics(config: DataConfig) -> dict:
+    """Users, items and interactions reconstructed from every released window. A user's windows are
+    items[max(i-10,0):i+1] for i from min(10, n-1) to n-1, so the user has n = (longest window - 1) + #windows
+    interactions (exact when all the user's windows are released)."""
+    info = dataset_info(config.dataset)
+    folder = resolve_data_root(config.data_dir) / info.folder
+    titles = read_titles(folder / "id2name4Rec.json")
+    files = [p for p in sorted(folder.glob("*.csv")) if p.stem in ("train", "valid", "test")]
+    if not (folder / "train.csv").is_file():
+        files += sorted(folder.glob("train_*.csv"), key=lambda p: int(p.stem.split("_")[1]))[-1:]
+    rows = {p.name: read_windows(p, titles, max_history=10) for p in files}
+    windows_per_user, longest = Counter(), Counter()
+    for examples in rows.values():
+        for e in examples:
+            windows_per_user[e.user_id] += 1
+            longest[e.user_id] = max(longest[e.user_id], len(e.history) + 1)
+    interactions = sum(longest[u] - 1 + windows_per_user[u] for u in windows_per_user)
+    return {"users": len(windows_per_user), "items": len(titles), "unique_titles": len(set(titles.values())),
+            "interactions": interactions, "file_rows": {name: len(r) for name, r in rows.items()},
+            "complete": all((folder / f"{s}.csv").is_file() for s in ("train", "valid", "test"))}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The item trie (SPEC §2)
+
+
+class ItemTrie:
+    """Prefix tree over every item's target tokens encode('"' + title + '"') + [eos], stored as CSR tensors so
+    that the valid next tokens of N prefixes come out of a few vectorised torch ops (no per-position Python)."""
+
+    root = 0
+
+    def __init__(self, child_ptr, child_token, child_node, leaf_items, item_tokens, item_path_ptr, item_path_nodes,
+                 item_row):
+        self.child_ptr, self.child_token, self.child_node = child_ptr, child_token, child_node
+        self.num_nodes = len(child_ptr) - 1
+        self.leaf_items: dict[int, frozenset[int]] = leaf_items
+        self.item_tokens: dict[int, tuple[int, ...]] = item_tokens
+        self._item_path_ptr, self._item_path_nodes, self._item_row = item_path_ptr, item_path_nodes, item_row
+        # Edges are sorted by (parent, token), so parent * key_base + token is a sorted key for searchsorted.
+        self._key_base = int(child_token.max()) + 1 if len(child_token) else 1
+        parent = torch.repeat_interleave(torch.arange(self.num_nodes), child_ptr.diff())  # (E,)
+        self._edge_key = parent * self._key_base + child_token                              # (E,) ascending
+
+    @classmethod
+    def build(cls, item_tokens: dict[int, Sequence[int]], eos_id: int) -> "ItemTrie":
+        items = sorted(item_tokens)
+        seqs = [tuple(int(t) for t in item_tokens[i]) for i in items]
+        for item, seq in zip(items, seqs):
+            if not seq or seq[-1] != eos_id or eos_id in seq[:-1]:
+                raise ValueError(f"item {item}: target tokens must end with eos {eos_id} and contain it only there")
+        if not seqs:
+            raise ValueError("cannot build an item trie without items")
+        lengths = np.array([len(s) for s in seqs])                                  # (I,)
+        path_ptr = np.zeros(len(items) + 1, np.int64)
+        path_ptr[1:] = np.cumsum(lengths)
+        rows = np.arange(len(seqs)).repeat(lengths)                                 # (sum L,)
+        columns = np.arange(path_ptr[-1]) - path_ptr[:-1].repeat(lengths)           # (sum L,)
+        tokens = np.full((len(seqs), lengths.max()), -1, np.int64)                  # (I, L) padded with -1
+        tokens[rows, columns] = np.concatenate(seqs)
+        key_base = int(tokens.max()) + 1
+        # Level by level: the depth-(d+1) nodes are the distinct (parent, token) pairs at depth d, numbered in sorted
+        # order, so node ids run breadth first and every node's children are contiguous and sorted by token.
+        node_before = np.zeros((len(seqs), tokens.shape[1] + 1), np.int64)        # (I, L+1) node after d tokens
+        parents, child_tokens, next_id = [], [], 1
+        for d in range(tokens.shape[1]):
+            alive = np.nonzero(lengths > d)[0]
+            pairs, inverse = np.unique(node_before[alive, d] * key_base + tokens[alive, d], return_inverse=True)
+            node_before[alive, d + 1] = next_id + inverse
+            parents.append(pairs // key_base)
+            child_tokens.append(pairs % key_base)
+            next_id += len(pairs)
+        parent = np.concatenate(parents)
+        child_ptr = np.zeros(next_id + 1, np.int64)
+        child_ptr[1:] = np.cumsum(np.bincount(parent, minlength=next_id))
+        leaf_items = defaultdict(set)
+        for row, item in enumerate(items):
+            leaf_items[int(node_before[row, lengths[row]])].add(item)
+        path_nodes = node_before[rows, columns]                                    # (sum L,) node before each token
+        return cls(torch.from_numpy(child_ptr), torch.from_numpy(np.concatenate(child_tokens)),
+                   torch.arange(1, next_id), {n: frozenset(s) for n, s in leaf_items.items()},
+                   dict(zip(items, seqs)), path_ptr, torch.from_numpy(path_nodes), {i: r for r, i in enumerate(items)})
+
+    def step(self, nodes: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Child of each node along each token, or -1 (also for node -1 or a token outside the trie)."""
+        nodes, tokens = nodes.long(), tokens.long()
+        query = nodes * self._key_base + tokens                                   # (N,)
+        index = torch.searchsorted(self._edge_key, query).clamp(max=len(self._edge_key) - 1)   # (N,)
+        found = (self._edge_key[index] == query) & (nodes >= 0) & (tokens >= 0) & (tokens < self._key_base)
+        return torch.where(found, self.child_node[index], torch.full_like(nodes, -1))
+
+    def valid_next(self, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """COO pairs (row, token): row i lists every valid next token after nodes[i] (a leaf has none)."""
+        nodes = nodes.long()
+        if len(nodes) and (nodes.min() < 0 or nodes.max() >= self.num_nodes):
+            raise ValueError(f"trie node out of range [0, {self.num_nodes}): {nodes.min().item()}..{nodes.max().item()}")
+        start = self.child_ptr[nodes]                                             # (N,)
+        count = self.child_ptr[nodes + 1] - start                                 # (N,)
+        row = torch.repeat_interleave(torch.arange(len(nodes)), count)            # (M,)
+        # Pair j of row i is edge start[i] + (j - first pair of row i); the shift is constant within a row.
+        shift = start - (count.cumsum(0) - count)                                 # (N,)
+        edge = torch.arange(len(row)) + shift[row]                                # (M,)
+        return row, self.child_token[edge]
+
+    def path(self, tokens: Sequence[int]) -> list[int]:
+        """Node BEFORE each token (len = len(tokens)); raises if the tokens leave the trie."""
+        nodes, node = [], self.root
+        for position, token in enumerate(tokens):
+            nodes.append(node)
+            node = int(self.step(torch.tensor([node]), torch.tensor([int(token)]))[0])
+            if node < 0:
+                raise ValueError(f"token {token} at position {position} is not a valid continuation in the trie")
+        return nodes
+
+    def item_path(self, item: int) -> torch.Tensor:
+        """Nodes before each of the item's target tokens, (len(item_tokens[item]),), precomputed at build."""
+        row = self._item_row[item]
+        return self._item_path_nodes[self._item_path_ptr[row]:self._item_path_ptr[row + 1]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenising examples
+
+
+def item_target_tokens(titles: dict[int, str], tokenizer) -> dict[int, tuple[int, ...]]:
+    """encode('"' + title + '"') + [eos] per item id: what the model generates after the prompt (SPEC §2)."""
+    by_title = {}
+    for title in set(titles.values()):
+        by_title[title] = tuple(tokenizer.encode(target_text(title))) + (tokenizer.eos_id,)
+    return {item: by_title[title] for item, title in titles.items()}
+
+
+def build_trie(dataset: Dataset, tokenizer) -> ItemTrie:
+    return ItemTrie.build(item_target_tokens(dataset.titles, tokenizer), tokenizer.eos_id)
+
+
+def prompt_tokens(prompt: str, tokenizer) -> list[int]:
+    if tokenizer.add_bos and tokenizer.bos_id is None:
+        raise ValueError("the tokenizer asks for a BOS token but has no bos_id")
+    return ([tokenizer.bos_id] if tokenizer.add_bos else []) + list(tokenizer.encode(prompt))
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    input_ids: torch.Tensor       # (L,) int32: [BOS] + encode(prompt) + target tokens (title in quotes + eos)
+    prompt_length: int            # tokens before the first target token (BOS included)
+    target_nodes: torch.Tensor    # (L - prompt_length,) trie node before each target token
+    target: int
+
+
+def encode_examples(examples: Sequence[Example], dataset: Dataset, tokenizer, trie: ItemTrie) -> list[EncodedExample]:
+    """The prompt and the target are tokenised separately, exactly as the beam search sees them at inference
+    (encode(prompt), then trie tokens); tokenization_mismatches() checks this equals tokenising them jointly."""
+    encoded = []
+    for e in examples:
+        prompt = prompt_tokens(dataset.prompt(e), tokenizer)
+        target = trie.item_tokens[e.target]
+        ids = torch.tensor(prompt + list(target), dtype=torch.int32)             # int32 halves the memory
+        encoded.append(EncodedExample(ids, len(prompt), trie.item_path(e.target), e.target))
+    return encoded
+
+
+def tokenization_mismatches(examples: Sequence[Example], dataset: Dataset, tokenizer) -> list[Example]:
+    """Examples where encode(prompt + target) != encode(prompt) + encode(target): there training on the split
+    tokens would not match what the tokenizer produces for the joined text (SPEC §2: assert, do not assume)."""
+    bad = []
+    for e in examples:
+        prompt, target = dataset.prompt(e), target_text(dataset.titles[e.target])
+        if list(tokenizer.encode(prompt + target)) != list(tokenizer.encode(prompt)) + list(tokenizer.encode(target)):
+            bad.append(e)
+    return bad
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches
+
+
+def collate_train(encoded_examples: Sequence[EncodedExample], pad_id: int) -> dict:
+    """Right padding: under causal attention a real token never sees the padding after it, so no mask is needed.
+    The logits that predict the token at position p sit at p - 1, so label_mask marks p - 1 for every target p."""
+    lengths = [len(e.input_ids) for e in encoded_examples]
+    input_ids = torch.full((len(lengths), max(lengths)), pad_id, dtype=torch.long)   # (b, T)
+    label_mask = torch.zeros(input_ids.shape, dtype=torch.bool)                       # (b, T)
+    for row, e in enumerate(encoded_examples):
+        input_ids[row, :lengths[row]] = e.input_ids
+        label_mask[row, e.prompt_length - 1:lengths[row] - 1] = True
+    labels = input_ids[:, 1:][label_mask[:, :-1]]                                     # (N,) row-major
+    label_nodes = torch.cat([e.target_nodes for e in encoded_examples]).long()        # (N,)
+    return {"input_ids": input_ids, "label_mask": label_mask, "labels": labels, "label_nodes": label_nodes,
+            "num_label_tokens": int(labels.numel())}
+
+
+def collate_prompts(prompt_token_lists: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left padding, so that every prompt's last token sits in the last column and generation appends after it."""
+    lengths = [len(p) for p in prompt_token_lists]
+    input_ids = torch.full((len(lengths), max(lengths)), pad_id, dtype=torch.long)    # (b, T)
+    attention_mask = torch.zeros(input_ids.shape, dtype=torch.long)                   # (b, T) 1 = real token
+    for row, prompt in enumerate(prompt_token_lists):
+        if lengths[row]:
+            input_ids[row, -lengths[row]:] = torch.as_tensor(prompt, dtype=torch.long)
+            attention_mask[row, -lengths[row]:] = 1
+    return input_ids, attention_mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Raw pipeline (SPEC §6): Amazon 2014 (reviews_<Cat>_5.json, meta_<Cat>.json with Python-literal lines) or 2018
+# (<Cat>_5.json.gz, meta_<Cat>.json.gz, JSON lines) -> id2name4Rec.json + train/valid/test.csv
+
+
+def read_records(path: Path):
+    """Dicts from a JSON-lines file, gzipped or not; 2014 meta lines are Python literals, hence the fallback."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"missing file {path}")
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                try:
+                    record = ast.literal_eval(line)
+                except (ValueError, SyntaxError):
+                    raise ValueError(f"{path}:{line_number}: neither JSON nor a Python literal") from None
+            yield record
+
+
+def clean_title(title) -> str | None:
+    """Whitespace and a trailing " VHS" (2014) / " [VHS]" (2018) stripped; None unless longer than 1 character."""
+    if not isinstance(title, str):
+        return None
+    title = title.strip()
+    for suffix in (" VHS", " [VHS]"):
+        if title.endswith(suffix):
+            title = title[:-len(suffix)].strip()
+    # The dumps write quotes as &quot; (titles keep HTML entities); a stray literal '"' would close the quoted
+    # target early, so it is written the same way.
+    return title.replace('"', "&quot;") if len(title) > 1 else None
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def build_from_raw(reviews_path, meta_path, out_dir, k_core: int = 5, max_history: int = 10) -> dict:
+    """Rebuild a processed dataset folder from the review and meta dumps; returns its statistics."""
+    titles_by_asin = {}
+    for meta in read_records(meta_path):
+        title = clean_title(meta.get("title"))
+        if title is not None and "asin" in meta:
+            titles_by_asin[meta["asin"]] = title
+    reviews = []                                                       # (user, asin, time) in file order
+    for r in read_records(reviews_path):
+        if r.get("asin") in titles_by_asin and r.get("reviewerID") is not None and r.get("unixReviewTime") is not None:
+            reviews.append((r["reviewerID"], r["asin"], int(r["unixReviewTime"])))
+    while True:                                                        # iterative k-core on users and items
+        users, items = Counter(r[0] for r in reviews), Counter(r[1] for r in reviews)
+        kept = [r for r in reviews if users[r[0]] >= k_core and items[r[1]] >= k_core]
+        if len(kept) == len(reviews):
+            break
+        reviews = kept
+    user_id, item_id = {}, {}                                          # 1-based, order of first appearance
+    for user, asin, _ in reviews:
+        user_id.setdefault(user, len(user_id) + 1)
+        item_id.setdefault(asin, len(item_id) + 1)
+    sequences = defaultdict(list)
+    for user, asin, time in reviews:
+        sequences[user_id[user]].append((time, item_id[asin]))
+    windows = []                                                       # (user, items, target time)
+    for user in sorted(sequences):
+        events = sorted(sequences[user], key=lambda e: e[0])           # stable: same-time reviews keep file order
+        ids = [i for _, i in events]
+        for i in range(min(max_history, len(ids) - 1), len(ids)):
+            windows.append((user, ids[max(i - max_history, 0):i + 1], events[i][0]))
+    windows.sort(key=lambda w: w[2])                                   # stable, by target time
+    cut_valid, cut_test = int(len(windows) * 0.8), int(len(windows) * 0.9)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, part in (("train", windows[:cut_valid]), ("valid", windows[cut_valid:cut_test]),
+                       ("test", windows[cut_test:])):
+        lines = ["user_id,item_ids,timestamp"] + [f'{u},"{items}",{t}' for u, items, t in part]
+        atomic_write_text(out_dir / f"{name}.csv", "\n".join(lines) + "\n")
+    id2name = {str(i): titles_by_asin[asin] for asin, i in item_id.items()}
+    atomic_write_text(out_dir / "id2name4Rec.json", json.dumps(id2name, ensure_ascii=False, indent=4))
+    return {"users": len(user_id), "items": len(item_id), "interactions": len(reviews), "windows": len(windows)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Download of the authors' processed files
+
+
+def fetch_file(url: str, dest: Path, timeout: float = 30.0) -> int:
+    """Stream url into dest.tmp and rename it only when complete, so an interrupted download leaves nothing."""
+    tmp = Path(str(dest) + ".tmp")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
+            expected, size = response.headers.get("Content-Length"), 0
+            while chunk := response.read(1 << 16):
+                out.write(chunk)
+                size += len(chunk)
+        if expected is not None and size != int(expected):
+            raise ConnectionError(f"connection cut after {size} of {expected} bytes of {url}")
+        os.replace(tmp, dest)
+        return size
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def download_dataset(config: DataConfig, base_url: str | None = None, timeout: float = 30.0) -> list[str]:
+    """Fetch the dataset's missing files into <data root>/<folder>; files absent from the release are reported."""
+    import http.client
+    info = dataset_info(config.dataset)
+    folder = Path(config.data_dir or os.environ.get("BEAR_DATA") or "./data") / info.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    base_url = (base_url or os.environ.get("BEAR_DATA_URL") or DEFAULT_DOWNLOAD_URL).rstrip("/")
+    log = []
+    for name in info.release_files:
+        dest, url = folder / name, f"{base_url}/{info.remote_folder}/{name}"
+        if dest.is_file():
+            log.append(f"{dest}: already present")
+            continue
+        try:
+            log.append(f"{dest}: {fetch_file(url, dest, timeout)} bytes from {url}")
+        except urllib.error.HTTPError as e:
+            if e.code != 404:
+                raise ConnectionError(f"download of {url} failed: HTTP {e.code} {e.reason}") from None
+            log.append(f"{dest}: not in the release ({url} answers 404)")
+        except (OSError, http.client.HTTPException) as e:
+            reason = getattr(e, "reason", None) or e
+            raise ConnectionError(f"cannot download {url} ({reason}); offline? copy the authors' files into "
+                                  f"{folder} by hand") from None
+    return log
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def print_statistics(config: DataConfig, tokenizer_path: str | None) -> None:
+    stats = dataset_statistics(config)
+    paper = TABLE1[config.dataset.lower()]
+    print(f"{dataset_info(config.dataset).folder}: users {stats['users']}, items {stats['items']} "
+          f"({stats['unique_titles']} unique titles), interactions {stats['interactions']}   "
+          f"[paper Table 1: {paper[0]} / {paper[1]} / {paper[2]}]")
+    if not stats["complete"]:
+        print("  note: not every split's windows are released, so users/interactions count only released windows")
+    print("  file rows: " + ", ".join(f"{name} {n}" for name, n in stats["file_rows"].items()))
+    dataset = load_dataset(config)
+    print(f"  splits: train {len(dataset.train)} (sample of {config.train_samples}, seed {config.seed}), "
+          f"valid {len(dataset.valid)}, test {len(dataset.test)}")
+    for note in dataset.notes:
+        print(f"  note: {note}")
+    if tokenizer_path:
+        from model import load_tokenizer  # the model stage owns tokenisation
+        tokenizer = load_tokenizer(tokenizer_path)
+        trie = build_trie(dataset, tokenizer)
+        lengths = [len(t) for t in trie.item_tokens.values()]
+        print(f"  trie: {trie.num_nodes} nodes, {len(trie.leaf_items)} leaves, target tokens per item "
+              f"{min(lengths)}..{max(lengths)} (mean {sum(lengths) / len(lengths):.1f})")
+        everything = load_dataset(dataclasses.replace(config, train_samples=0))   # every released window
+        windows = everything.train + everything.valid + everything.test
+        bad = tokenization_mismatches(windows, everything, tokenizer)
+        print(f"  tokenisation check: encode(prompt + target) != encode(prompt) + encode(target) for {len(bad)} "
+              f"of {len(windows)} windows")
+        for e in bad[:5]:
+            print(f"    user {e.user_id} target {e.target}: {everything.titles[e.target]!r}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="BEAR data: statistics, download, raw pipeline")
+    for field in dataclasses.fields(DataConfig):
+        kind = int if field.type in (int, "int") else str
+        default = None if field.default is dataclasses.MISSING else field.default
+        parser.add_argument("--" + field.name.replace("_", "-"), type=kind, default=default)
+    parser.add_argument("--stats", action="store_true", help="print users/items/interactions and the splits")
+    parser.add_argument("--tokenizer", help="with --stats: model folder whose tokenizer builds the trie and is checked")
+    parser.add_argument("--download", action="store_true", help="fetch the authors' processed files when missing")
+    parser.add_argument("--download-url", help=f"release base URL (default $BEAR_DATA_URL or {DEFAULT_DOWNLOAD_URL})")
+    parser.add_argument("--raw-reviews", help="Amazon review dump (2014 reviews_<Cat>_5.json or 2018 .json.gz)")
+    parser.add_argument("--raw-meta", help="Amazon meta dump (meta_<Cat>.json or .json.gz)")
+    parser.add_argument("--out", help="output folder of the raw pipeline")
+    args = parser.parse_args(argv)
+    config = DataConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DataConfig)})
+    try:
+        if args.raw_reviews or args.raw_meta:
+            if not (args.raw_reviews and args.raw_meta and args.out):
+                raise ValueError("the raw pipeline needs --raw-reviews, --raw-meta and --out")
+            print(build_from_raw(args.raw_reviews, args.raw_meta, args.out))
+            return 0
+        if not config.dataset:
+            raise ValueError(f"give --dataset (one of {', '.join(DATASETS)})")
+        dataset_info(config.dataset)
+        if args.download:
+            print("\n".join(download_dataset(config, args.download_url)))
+        if args.stats:
+            print_statistics(config, args.tokenizer)
+        elif not args.download:
+            dataset = load_dataset(config)
+            print(f"train {len(dataset.train)}, valid {len(dataset.valid)}, test {len(dataset.test)}; "
+                  f"{len(dataset.titles)} items")
+            for note in dataset.notes:
+                print(f"note: {note}")
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
