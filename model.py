@@ -1,0 +1,705 @@
+"""Stage 1 — the model: a Llama decoder that matches transformers' LlamaForCausalLM, and its tokenizers.
+
+Read top to bottom: config -> RMSNorm -> RoPE -> attention (with a KV cache) -> MLP -> block -> model ->
+checkpoint loading -> tokenizers. Module names mirror Hugging Face's (`model.layers.N.self_attn.q_proj`), so a
+HF checkpoint loads strictly with no renaming table, and LoRA (lora.py) can wrap the projections by name.
+
+Numerics follow transformers exactly (the tests compare logits to 1e-5 in fp32): RMSNorm normalises in fp32,
+casts back, then multiplies the weight; RoPE angles are computed in fp32 and cos/sin cast to the model dtype;
+attention runs through SDPA (fp32 softmax inside) with an additive mask filled with finfo(dtype).min.
+"""
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import math
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None      # None, or {"rope_type": "linear" | "llama3", "factor": ..., ...}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    torch_dtype: str | None = None        # the checkpoint's dtype as config.json states it ("bfloat16", ...)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config.json") -> "LlamaConfig":
+        """Reads every config.json form found in the wild (transformers 4 and 5, official Llama-3.x uploads)."""
+        if d.get("model_type") != "llama":
+            raise ValueError(f"{source}: unsupported model_type {d.get('model_type')!r} (only 'llama' models load)")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: unsupported hidden_act {d['hidden_act']!r} (Llama uses 'silu')")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if not isinstance(d.get(name), int) or d[name] <= 0:
+                raise ValueError(f"{source}: field {name!r} missing or not a positive integer (got {d.get(name)!r})")
+        heads = d["num_attention_heads"]
+        kv_heads = d.get("num_key_value_heads") or heads       # absent in pre-GQA configs
+        if heads % kv_heads:
+            raise ValueError(f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+        max_positions = d.get("max_position_embeddings", 2048)
+
+        # RoPE: transformers 5 writes one `rope_parameters` dict (theta inside); every official Llama-3.x upload
+        # has `rope_theta` + `rope_scaling` at top level; old files say "type", newer ones "rope_type".
+        if d.get("rope_parameters") is not None:
+            rope = dict(d["rope_parameters"])
+            rope_theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
+        else:
+            rope = dict(d.get("rope_scaling") or {})
+            rope_theta = d.get("rope_theta", 10000.0)
+        rope_type = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
+        rope.pop("type", None)
+        if rope_type == "default":
+            rope_scaling = None
+        elif rope_type in ("linear", "llama3"):
+            required = ["factor"] + (["low_freq_factor", "high_freq_factor"] if rope_type == "llama3" else [])
+            for key in required:
+                if not isinstance(rope.get(key), (int, float)):
+                    raise ValueError(f"{source}: rope scaling {rope_type!r} needs a numeric {key!r} (got {rope.get(key)!r})")
+            if rope_type == "llama3":   # 8192 for every Llama-3.x; HF falls back to max_position_embeddings
+                rope.setdefault("original_max_position_embeddings", max_positions)
+            rope_scaling = {"rope_type": rope_type, **rope}
+        else:
+            raise ValueError(f"{source}: unsupported rope type {rope_type!r} (supported: default, linear, llama3)")
+
+        return cls(
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"], num_attention_heads=heads, num_key_value_heads=kv_heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=float(rope_theta), rope_scaling=rope_scaling,
+            max_position_embeddings=max_positions, tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            attention_bias=bool(d.get("attention_bias", False)), mlp_bias=bool(d.get("mlp_bias", False)),
+            torch_dtype=d.get("torch_dtype") or d.get("dtype"),
+        )
+
+    @classmethod
+    def from_file(cls, path) -> "LlamaConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a JSON object")
+        return cls.from_dict(d, source=str(path))
+
+
+# ----------------------------------------------------------------------------------------------- layers
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # Normalise in fp32, cast back, THEN multiply the weight (transformers' order; bf16 results depend on it).
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
+    """theta_i = base^(-2i/d), fp32 (head_dim/2,); with Llama-3's frequency-dependent rescaling when configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    # llama3: long wavelengths are divided by `factor` (32 for Llama-3.2-1B/3B, 8 for 3.1), short ones kept,
+    # the band between interpolated smoothly. Same expression order as transformers for bit-equal frequencies.
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_context / low, old_context / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class KVCache:
+    """Keys/values of every layer for the time steps seen so far, (B, kv_heads, length, head_dim) each.
+
+    One per generation. `reorder(index)` keeps rows index[0], index[1], ... : the beam reorder after each step,
+    and the prompt expansion before the first one (index = arange(U).repeat_interleave(B))."""
+
+    def __init__(self, num_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def append(self, layer: int, k, v):
+        """Adds (B, kv_heads, T, head_dim) new steps; returns the full keys and values of this layer."""
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+    def reorder(self, index: torch.LongTensor) -> None:
+        for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+            if k is not None:
+                self.keys[layer] = k.index_select(0, index.to(k.device))
+                self.values[layer] = v.index_select(0, index.to(v.device))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, q_size, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_bias)
+
+    def forward(self, x, cos, sin, mask, is_causal, cache):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)   # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)   # (B, H_kv, T, D)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)   # (B, H_kv, T, D)
+        q = q * cos + rotate_half(q) * sin                                 # RoPE; cos/sin (B, 1, T, D)
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.append(self.layer_index, k, v)                     # (B, H_kv, P+T, D)
+        # GQA: each group of H / H_kv query heads shares one key/value head.
+        k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)  # (B, H, P+T, D)
+        v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                             scale=self.head_dim ** -0.5)  # (B, H, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))          # (B, T, hidden)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_index: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer_index)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, is_causal, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # A plain attribute, not a buffer: `.to(bfloat16)` must not round the fp32 frequencies.
+        self.inv_freq = rope_inverse_frequencies(config)                   # (D/2,) fp32
+
+    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, logits_at=None):
+        """input_ids (B, T); attention_mask (B, P+T) over cached + new positions, 1 = real token, 0 = padding;
+        cache: attend to the P cached steps, then append these T; logits_at: bool (B, T) -> logits (N, V) at
+        the True positions in row-major order (the lm_head runs only there), None -> (B, T, V)."""
+        B, T = input_ids.shape
+        P = cache.length if cache is not None else 0
+        x = self.model.embed_tokens(input_ids)                             # (B, T, hidden)
+        dtype, device = x.dtype, x.device
+
+        # Positions: like HF generate, position = number of real tokens before it (left padding shifts rows).
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (B, P + T):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, P + T)} "
+                                 f"(batch, cached {P} + new {T} positions)")
+            attention_mask = attention_mask.to(device=device, dtype=torch.bool)
+            positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(~attention_mask, 1)[:, P:]  # (B, T)
+        else:
+            positions = torch.arange(P, P + T, device=device).expand(B, T)
+
+        # RoPE angles in fp32, cos/sin cast to the model dtype (transformers' rounding).
+        freqs = positions[..., None].float() * self.inv_freq.to(device)    # (B, T, D/2)
+        angles = torch.cat((freqs, freqs), dim=-1)                         # (B, T, D)
+        cos, sin = angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]  # (B, 1, T, D)
+
+        # Attention mask. Unpadded prefill (right-padded training batches): SDPA's is_causal, the fast path.
+        # Otherwise an explicit additive mask; is_causal would align top-left, wrong once a cache is present.
+        mask, is_causal = None, False
+        if attention_mask is None and P == 0:
+            is_causal = T > 1
+        elif attention_mask is not None or T > 1:
+            query_pos = torch.arange(P, P + T, device=device)[:, None]
+            allowed = torch.arange(P + T, device=device)[None, :] <= query_pos       # (T, P+T) causal
+            allowed = allowed[None, None]                                             # (1, 1, T, P+T)
+            if attention_mask is not None:
+                allowed = allowed & attention_mask[:, None, None, :]                  # (B, 1, T, P+T)
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, is_causal, cache)                 # (B, T, hidden)
+
+        if logits_at is not None:
+            if logits_at.dtype != torch.bool or tuple(logits_at.shape) != (B, T):
+                raise ValueError(f"logits_at must be a bool tensor of shape {(B, T)}, got "
+                                 f"{logits_at.dtype} {tuple(logits_at.shape)}")
+            x = x[logits_at.to(device)]                                    # (N, hidden), row-major
+        # RMSNorm is per row, so normalising only the kept rows gives the same numbers.
+        return self.lm_head(self.model.norm(x))                            # (B, T, V) or (N, V)
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+_SAFETENSORS_ITEM_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                          "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def read_safetensors_header(path: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape, after checking that the file is whole (so a truncated download fails clearly)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        header_len = int.from_bytes(prefix, "little")
+        if 8 + header_len > size:
+            raise ValueError(f"{path}: corrupt safetensors file: header length {header_len} runs past the end "
+                             f"of the file ({size} bytes); truncated?")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: corrupt safetensors header (not valid JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
+    data_size, shapes = size - 8 - header_len, {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            item_size = _SAFETENSORS_ITEM_SIZE[dtype]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: corrupt safetensors header entry for tensor {name!r}: {info!r}") from None
+        if not 0 <= begin <= end <= data_size:
+            raise ValueError(f"{path}: tensor {name!r} data offsets [{begin}, {end}] run past the end of the data "
+                             f"({data_size} bytes); truncated or corrupt file")
+        if end - begin != math.prod(shape) * item_size:
+            raise ValueError(f"{path}: tensor {name!r} occupies {end - begin} bytes but shape {shape} {dtype} "
+                             f"needs {math.prod(shape) * item_size}")
+        shapes[name] = shape
+    return shapes
+
+
+def _checkpoint_files(folder: Path) -> dict[str, tuple[Path, list[int]]]:
+    """Tensor name -> (the safetensors file holding it, its shape); one file or the shards of the index."""
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():
+        return {name: (single, shape) for name, shape in read_safetensors_header(single).items()}
+    if not index.is_file():
+        raise FileNotFoundError(f"no weights in {folder}: neither model.safetensors nor model.safetensors.index.json")
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        assert isinstance(weight_map, dict)
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AssertionError):
+        raise ValueError(f"{index}: not a valid safetensors index (needs a JSON object with a 'weight_map')") from None
+    location = {}
+    for shard_name in sorted(set(weight_map.values())):
+        shard = folder / shard_name
+        if not shard.is_file():
+            raise FileNotFoundError(f"{index} names shard {shard_name!r}, which is missing: {shard}")
+        for name, shape in read_safetensors_header(shard).items():
+            location[name] = (shard, shape)
+    for name, shard_name in weight_map.items():
+        if name not in location or location[name][0] != folder / shard_name:
+            raise ValueError(f"{index}: says tensor {name!r} is in {shard_name!r}, but that shard does not hold it")
+    return location
+
+
+def load_model(path, dtype=torch.bfloat16, device="cpu") -> LlamaForCausalLM:
+    """A Hugging Face Llama folder -> LlamaForCausalLM in eval() mode, loaded strictly.
+
+    Built on the meta device and filled with load_state_dict(assign=True): each tensor is read once, cast and
+    placed, so loading never holds two copies of the weights. dtype=None keeps the checkpoint's dtype."""
+    from safetensors import safe_open
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder not found: {folder}")
+    config = LlamaConfig.from_file(folder / "config.json")
+    location = _checkpoint_files(folder)
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    expected = {name: list(t.shape) for name, t in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+        location.pop("lm_head.weight", None)   # some tied uploads still carry a copy; transformers ignores it too
+    missing = sorted(set(expected) - set(location))
+    unexpected = sorted(set(location) - set(expected))
+    if missing:
+        raise ValueError(f"{folder}: checkpoint is missing tensor(s) {', '.join(missing[:5])}"
+                         + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
+    if unexpected:
+        raise ValueError(f"{folder}: checkpoint has unexpected tensor(s) {', '.join(unexpected[:5])}"
+                         + (f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else ""))
+    for name, (file, shape) in location.items():
+        if shape != expected[name]:
+            raise ValueError(f"{file}: tensor {name!r} has shape {shape}, but config.json implies {expected[name]}")
+
+    dtype = dtype or _config_dtype(config)
+    state = {}
+    for file in sorted({file for file, _ in location.values()}):
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    if name not in expected:
+                        continue
+                    state[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+        except Exception as e:  # safetensors' own errors (SafetensorError, OSError): name the file
+            raise ValueError(f"{file}: cannot read safetensors data ({e})") from None
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:   # assign=True wrapped each name in its own Parameter: tie them again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def _config_dtype(config: LlamaConfig) -> torch.dtype:
+    name = config.torch_dtype or "float32"
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"config.json: unknown torch_dtype {name!r}")
+    return dtype
+
+
+# ------------------------------------------------------------------------------------------- tokenizers
+
+# Llama-3's pre-tokenizer pattern (Meta's tokenizer.py; the same string sits in its tokenizer.json Split step).
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# GPT-2's pattern, which HF's ByteLevel pre-tokenizer applies when use_regex is true.
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+# Meta's 256 special tokens after the 128000 ranks of Llama-3's tiktoken file (names as in Meta's tokenizer.py).
+LLAMA3_SPECIAL_TOKENS = (["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                          "<|reserved_special_token_1|>", "<|reserved_special_token_2|>",
+                          "<|reserved_special_token_3|>", "<|start_header_id|>", "<|end_header_id|>",
+                          "<|reserved_special_token_4|>", "<|eot_id|>"]
+                         + [f"<|reserved_special_token_{i}|>" for i in range(5, 256 - 5)])
+
+
+class Tokenizer:
+    """encode(text) adds nothing (no BOS/EOS) and treats special-token text in user data as plain text.
+
+    Two engines: tiktoken (Llama-3's rank file, and HF byte-level BPE tokenizer.json converted to ranks), or
+    sentencepiece (Llama-2 family). `pre_split` runs pre-tokenizer steps that come before the regex one."""
+
+    def __init__(self, *, bos_id, eos_id, pad_id, add_bos, vocab_size, token_ids: dict[str, int],
+                 encoding=None, pre_split=None, dropped_ids=frozenset(), sentencepiece=None):
+        self.bos_id, self.eos_id, self.pad_id, self.add_bos = bos_id, eos_id, pad_id, add_bos
+        self.vocab_size = vocab_size
+        self._token_ids = token_ids        # special / added token text -> id
+        self._encoding, self._pre_split, self._sp = encoding, pre_split, sentencepiece
+        self._dropped_ids = dropped_ids    # ids standing for bytes the vocabulary lacks (HF drops them)
+
+    def encode(self, text: str) -> list[int]:
+        if self._sp is not None:
+            return self._sp.encode(text)   # sentencepiece never parses control-token text out of input
+        pieces = [text] if self._pre_split is None else self._pre_split(text)
+        ids = [i for piece in pieces for i in self._encoding.encode_ordinary(piece)]
+        return [i for i in ids if i not in self._dropped_ids] if self._dropped_ids else ids
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        if self._sp is not None:
+            return self._sp.decode(ids)
+        return self._encoding.decode(ids)
+
+    def token_id(self, text: str) -> int | None:
+        """The id of a special/added token given its text (e.g. "<|im_end|>"), or None."""
+        return self._token_ids.get(text)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, in which HF byte-level vocabularies are written."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _split_digits(individual: bool):
+    """HF's Digits pre-tokenizer: numeric characters (Rust char::is_numeric = categories Nd, Nl, No) are
+    isolated one by one (individual_digits) or as runs; the text between them is kept as its own piece."""
+    def is_numeric(ch):
+        return ch.isnumeric() and unicodedata.category(ch)[0] == "N"
+
+    def split(text: str) -> list[str]:
+        pieces = []
+        for numeric, run in itertools.groupby(text, key=is_numeric):
+            run = "".join(run)
+            pieces.extend(run if numeric and individual else [run])   # a str extends by its characters
+        return pieces
+    return split
+
+
+def _pre_tokenizer_steps(spec: dict | None, source: Path):
+    """tokenizer.json's pre_tokenizer -> (Python pre-split function or None, the regex pattern for tiktoken).
+
+    tiktoken runs one regex + BPE per call; a Digits step before it is done in Python on the pieces first.
+    Running each step on the previous step's pieces (not one merged regex) is what HF does: SmolLM2's
+    Sequence[Digits, ByteLevel] differs from a combined regex where lookaheads meet a digit boundary."""
+    steps = spec.get("pretokenizers", []) if spec and spec.get("type") == "Sequence" else [spec] if spec else []
+    splitters, pattern = [], None
+    for step in steps:
+        kind = step.get("type")
+        if kind == "ByteLevel" and step.get("add_prefix_space"):
+            raise ValueError(f"{source}: ByteLevel add_prefix_space=true is not supported")
+        if kind == "Split" and pattern is None and "Regex" in step.get("pattern", {}) \
+                and step.get("behavior") == "Isolated" and not step.get("invert"):
+            pattern = step["pattern"]["Regex"]
+        elif kind == "ByteLevel" and step.get("use_regex", True) and pattern is None:
+            pattern = GPT2_PATTERN
+        elif kind == "ByteLevel" and not step.get("use_regex", True):
+            pass                        # only maps bytes to printable characters: nothing to split
+        elif kind == "Digits" and pattern is None:
+            splitters.append(_split_digits(bool(step.get("individual_digits"))))
+        else:
+            raise ValueError(f"{source}: unsupported pre-tokenizer step {json.dumps(step)[:120]}")
+    if pattern is None:
+        raise ValueError(f"{source}: pre_tokenizer has no regex split step (need Split or ByteLevel(use_regex))")
+
+    def pre_split(text: str) -> list[str]:
+        pieces = [text]
+        for split in splitters:
+            pieces = [p for piece in pieces for p in split(piece)]
+        return pieces
+    return (pre_split if splitters else None), pattern
+
+
+def _post_processor_bos(spec: dict | None) -> str | None | bool:
+    """The special token HF's TemplateProcessing puts before a single sequence; False when no template."""
+    if not spec:
+        return False
+    if spec.get("type") == "Sequence":
+        for inner in spec.get("processors", []):
+            found = _post_processor_bos(inner)
+            if found is not False:
+                return found
+        return False
+    if spec.get("type") != "TemplateProcessing":
+        return False
+    first = (spec.get("single") or [{}])[0]
+    return first["SpecialToken"]["id"] if "SpecialToken" in first else None
+
+
+def _from_tokenizer_json(path: Path):
+    """HF byte-level BPE tokenizer.json -> (tiktoken Encoding, pre_split, ids to drop, token ids, template BOS)."""
+    import tiktoken
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        bpe = spec["model"]
+        vocab, merges = bpe["vocab"], bpe["merges"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a valid tokenizer.json ({e!r})") from None
+    if bpe.get("type", "BPE") != "BPE" or bpe.get("byte_fallback") or bpe.get("continuing_subword_prefix") \
+            or bpe.get("end_of_word_suffix") or spec.get("normalizer"):
+        raise ValueError(f"{path}: only byte-level BPE without normalizer is supported (Llama-3, SmolLM2 style)")
+    pre_split, pattern = _pre_tokenizer_steps(spec.get("pre_tokenizer"), path)
+
+    added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+    byte_of = {ch: b for b, ch in _bytes_to_unicode().items()}
+    ranks = {}
+    for token, rank in vocab.items():
+        if token in added:
+            continue                   # special tokens are decoded by tiktoken's special table, never merged
+        try:
+            ranks[bytes(byte_of[ch] for ch in token)] = rank
+        except KeyError:
+            raise ValueError(f"{path}: vocab entry {token!r} is not byte-level BPE text") from None
+    if len(ranks) != len(set(ranks.values())):
+        raise ValueError(f"{path}: vocab ids are not unique")
+    # Some vocabularies lack a few bytes (SmolLM2: bytes that never occur in UTF-8, and six control characters).
+    # HF drops such characters; tiktoken needs every byte ranked, so give them ids past the vocabulary and
+    # filter those ids out after encoding.
+    next_id = max([*vocab.values(), *added.values()]) + 1
+    dropped_ids = set()
+    for b in range(256):
+        if bytes([b]) not in ranks:
+            ranks[bytes([b])] = next_id
+            dropped_ids.add(next_id)
+            next_id += 1
+    # tiktoken merges the adjacent pair whose result has the lowest rank; HF applies merges in list order.
+    # The two agree when the merge list is sorted by the result's id, which HF's conversions guarantee; check it.
+    previous = -1
+    for i, merge in enumerate(merges):
+        left, right = merge.split(" ") if isinstance(merge, str) else merge
+        result = vocab.get(left + right)
+        if left not in vocab or right not in vocab or result is None or result < previous:
+            raise ValueError(f"{path}: merge #{i} {left!r}+{right!r} is inconsistent with the vocab ranks "
+                             "(cannot be run as tiktoken BPE)")
+        previous = result
+    rank_ids = set(ranks.values())
+    specials = {text: i for text, i in added.items() if i not in rank_ids}
+    encoding = tiktoken.Encoding(path.parent.name or "tokenizer", pat_str=pattern, mergeable_ranks=ranks,
+                                 special_tokens=specials)
+    return encoding, pre_split, dropped_ids, {**vocab, **added}, _post_processor_bos(spec.get("post_processor"))
+
+
+def _read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
+    ranks = {}
+    for line_number, line in enumerate(path.read_bytes().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError:
+            raise ValueError(f"{path}: line {line_number} is not '<base64 token> <rank>'") from None
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError(f"{path}: ranks are not the distinct numbers 0..{len(ranks) - 1}")
+    return ranks
+
+
+def _is_tiktoken_file(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(200)
+    return re.match(rb"[A-Za-z0-9+/]+=* \d+\r?\n", head) is not None
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """A model folder (or a tokenizer file) -> Tokenizer. In a folder, tokenizer.json wins over tokenizer.model
+    (it declares its own pre-tokenizer and special tokens); then tokenizer.model, then original/tokenizer.model.
+    tokenizer_config.json beside it, when present, gives eos/pad/bos tokens and add_bos_token."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / "tokenizer.json", path / "tokenizer.model", path / "original" / "tokenizer.model"]
+        file = next((c for c in candidates if c.is_file()), None)
+        if file is None:
+            raise FileNotFoundError(f"no tokenizer file in {path} (looked for tokenizer.json, tokenizer.model, "
+                                    "original/tokenizer.model)")
+        folder = path
+    elif path.is_file():
+        file, folder = path, path.parent
+    else:
+        raise FileNotFoundError(f"tokenizer path not found: {path}")
+    config = {}
+    if (folder / "tokenizer_config.json").is_file():
+        try:
+            config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{folder / 'tokenizer_config.json'}: not valid JSON ({e})") from None
+
+    sp, encoding, pre_split, dropped_ids, template_bos = None, None, None, set(), False
+    if file.suffix == ".json":
+        encoding, pre_split, dropped_ids, token_ids, template_bos = _from_tokenizer_json(file)
+    elif _is_tiktoken_file(file):
+        import tiktoken
+        ranks = _read_tiktoken_ranks(file)
+        if len(ranks) != 128000:
+            raise ValueError(f"{file}: a tiktoken rank file with {len(ranks)} ranks; only Llama-3's (128000) is known")
+        specials = {text: len(ranks) + i for i, text in enumerate(LLAMA3_SPECIAL_TOKENS)}
+        encoding = tiktoken.Encoding("llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+        token_ids = specials
+    else:
+        import sentencepiece
+        sp = sentencepiece.SentencePieceProcessor()
+        try:
+            sp.LoadFromSerializedProto(file.read_bytes())
+        except Exception:
+            raise ValueError(f"{file}: neither a tiktoken rank file nor a sentencepiece model") from None
+        token_ids = {sp.id_to_piece(i): i for i in range(sp.get_piece_size()) if not sp.is_unused(i)}
+
+    def lookup(field, value):
+        text = value.get("content") if isinstance(value, dict) else value
+        if text not in token_ids:
+            raise ValueError(f"{folder / 'tokenizer_config.json'}: {field} {text!r} is not in the vocabulary")
+        return token_ids[text]
+
+    def first_present(*texts):
+        return next((token_ids[t] for t in texts if t in token_ids), None)
+
+    if sp is not None:
+        bos_id, eos_id = (sp.bos_id() if sp.bos_id() >= 0 else None), (sp.eos_id() if sp.eos_id() >= 0 else None)
+    else:
+        bos_id = first_present("<|begin_of_text|>") if not template_bos else token_ids.get(template_bos)
+        eos_id = first_present("<|end_of_text|>", "</s>", "<|endoftext|>")
+    if config.get("bos_token"):
+        bos_id = lookup("bos_token", config["bos_token"])
+    if config.get("eos_token"):
+        eos_id = lookup("eos_token", config["eos_token"])
+    if eos_id is None:
+        raise ValueError(f"{file}: cannot tell the EOS token (no eos_token in tokenizer_config.json and none of "
+                         "<|end_of_text|>, </s>, <|endoftext|> in the vocabulary)")
+    pad_id = lookup("pad_token", config["pad_token"]) if config.get("pad_token") else eos_id
+
+    # add_bos: tokenizer_config's add_bos_token, else the HF post-processor template, else the family's habit.
+    if "add_bos_token" in config:
+        add_bos = bool(config["add_bos_token"])
+    elif template_bos is not False:
+        add_bos = template_bos is not None
+    else:
+        add_bos = sp is not None or "<|begin_of_text|>" in token_ids
+    if add_bos and bos_id is None:
+        raise ValueError(f"{file}: the model expects a BOS token but none is defined")
+    vocab_size = sp.get_piece_size() if sp is not None else encoding.max_token_value + 1 - len(dropped_ids)
+    return Tokenizer(bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, add_bos=add_bos, vocab_size=vocab_size,
+                     token_ids=token_ids, encoding=encoding, pre_split=pre_split, dropped_ids=dropped_ids,
+                     sentencepiece=sp)
