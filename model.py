@@ -302,12 +302,23 @@ class LlamaForCausalLM(nn.Module):
 
 # --------------------------------------------------------------------------------------------- loading
 
-_SAFETENSORS_ITEM_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-                          "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+                       "F8_E5M2": torch.float8_e5m2}
 
 
-def read_safetensors_header(path: Path) -> dict[str, list[int]]:
-    """Tensor name -> shape, after checking that the file is whole (so a truncated download fails clearly)."""
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes sit in a safetensors file."""
+    file: Path
+    dtype: torch.dtype
+    shape: list[int]
+    offset: int           # absolute byte offset of the data in the file
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
+    """Tensor name -> TensorEntry, after checking that the file is whole (so a truncated download fails clearly)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         prefix = f.read(8)
@@ -323,30 +334,40 @@ def read_safetensors_header(path: Path) -> dict[str, list[int]]:
             raise ValueError(f"{path}: corrupt safetensors header (not valid JSON: {e})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
-    data_size, shapes = size - 8 - header_len, {}
+    data_size, entries = size - 8 - header_len, {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            item_size = _SAFETENSORS_ITEM_SIZE[dtype]
+            dtype, shape, (begin, end) = _SAFETENSORS_DTYPES[info["dtype"]], list(info["shape"]), info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{path}: corrupt safetensors header entry for tensor {name!r}: {info!r}") from None
         if not 0 <= begin <= end <= data_size:
             raise ValueError(f"{path}: tensor {name!r} data offsets [{begin}, {end}] run past the end of the data "
                              f"({data_size} bytes); truncated or corrupt file")
-        if end - begin != math.prod(shape) * item_size:
-            raise ValueError(f"{path}: tensor {name!r} occupies {end - begin} bytes but shape {shape} {dtype} "
-                             f"needs {math.prod(shape) * item_size}")
-        shapes[name] = shape
-    return shapes
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"{path}: tensor {name!r} occupies {end - begin} bytes but shape {shape} {info['dtype']} "
+                             f"needs {math.prod(shape) * dtype.itemsize}")
+        entries[name] = TensorEntry(path, dtype, shape, 8 + header_len + begin)
+    return entries
 
 
-def _checkpoint_files(folder: Path) -> dict[str, tuple[Path, list[int]]]:
-    """Tensor name -> (the safetensors file holding it, its shape); one file or the shards of the index."""
+def _read_tensor(f, entry: TensorEntry) -> torch.Tensor:
+    """Reads one tensor's bytes straight into a fresh tensor: no memory map and no intermediate buffer, so the
+    process holds each weight exactly once (a mapped file's touched pages would count a second time)."""
+    tensor = torch.empty(entry.shape, dtype=entry.dtype)
+    buffer = tensor.reshape(-1).view(torch.uint8).numpy()                  # the tensor's own memory, as bytes
+    f.seek(entry.offset)
+    if f.readinto(buffer) != buffer.nbytes:
+        raise ValueError(f"{entry.file}: truncated safetensors data")
+    return tensor
+
+
+def _checkpoint_files(folder: Path) -> dict[str, TensorEntry]:
+    """Tensor name -> where it sits; one model.safetensors or the shards of the index."""
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
     if single.is_file():
-        return {name: (single, shape) for name, shape in read_safetensors_header(single).items()}
+        return read_safetensors_header(single)
     if not index.is_file():
         raise FileNotFoundError(f"no weights in {folder}: neither model.safetensors nor model.safetensors.index.json")
     try:
@@ -359,10 +380,9 @@ def _checkpoint_files(folder: Path) -> dict[str, tuple[Path, list[int]]]:
         shard = folder / shard_name
         if not shard.is_file():
             raise FileNotFoundError(f"{index} names shard {shard_name!r}, which is missing: {shard}")
-        for name, shape in read_safetensors_header(shard).items():
-            location[name] = (shard, shape)
+        location.update(read_safetensors_header(shard))
     for name, shard_name in weight_map.items():
-        if name not in location or location[name][0] != folder / shard_name:
+        if name not in location or location[name].file != folder / shard_name:
             raise ValueError(f"{index}: says tensor {name!r} is in {shard_name!r}, but that shard does not hold it")
     return location
 
@@ -370,10 +390,9 @@ def _checkpoint_files(folder: Path) -> dict[str, tuple[Path, list[int]]]:
 def load_model(path, dtype=torch.bfloat16, device="cpu") -> LlamaForCausalLM:
     """A Hugging Face Llama folder -> LlamaForCausalLM in eval() mode, loaded strictly.
 
-    Built on the meta device and filled with load_state_dict(assign=True): each tensor is read once, cast and
-    placed, so loading never holds two copies of the weights. dtype=None keeps the checkpoint's dtype."""
-    from safetensors import safe_open
-
+    Built on the meta device and filled with load_state_dict(assign=True): each tensor is read once, straight
+    into its own memory (no memory map), then cast, so loading never holds two copies of the weights.
+    dtype=None keeps the checkpoint's dtype."""
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder not found: {folder}")
@@ -394,20 +413,20 @@ def load_model(path, dtype=torch.bfloat16, device="cpu") -> LlamaForCausalLM:
     if unexpected:
         raise ValueError(f"{folder}: checkpoint has unexpected tensor(s) {', '.join(unexpected[:5])}"
                          + (f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else ""))
-    for name, (file, shape) in location.items():
-        if shape != expected[name]:
-            raise ValueError(f"{file}: tensor {name!r} has shape {shape}, but config.json implies {expected[name]}")
+    for name, entry in location.items():
+        if entry.shape != expected[name]:
+            raise ValueError(f"{entry.file}: tensor {name!r} has shape {entry.shape}, but config.json implies "
+                             f"{expected[name]}")
 
     dtype = dtype or _config_dtype(config)
     state = {}
-    for file in sorted({file for file, _ in location.values()}):
+    for file in sorted({entry.file for entry in location.values()}):
         try:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    if name not in expected:
-                        continue
-                    state[name] = f.get_tensor(name).to(device=device, dtype=dtype)
-        except Exception as e:  # safetensors' own errors (SafetensorError, OSError): name the file
+            with open(file, "rb") as f:
+                for name, entry in location.items():
+                    if entry.file == file:
+                        state[name] = _read_tensor(f, entry).to(device=device, dtype=dtype)
+        except OSError as e:
             raise ValueError(f"{file}: cannot read safetensors data ({e})") from None
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]

@@ -124,7 +124,9 @@ def rss():  # bytes: total resident, its peak, anonymous (heap copies) and file-
             for line in open('/proc/self/status') if line.split(':')[0] in fields}
 which, path, repo = sys.argv[1:4]
 sys.path.insert(0, repo)
-torch.ones(1).sum()  # torch's own lazy start-up is not loading
+torch.ones(1).sum()  # torch's own lazy start-up is not loading, and neither is the one-time import of the
+with torch.device('meta'):  # meta-tensor machinery (~70 MiB of Python modules, whatever the model's size) that
+    torch.nn.Embedding(1, 1)  # building any model on the meta device triggers, ours and transformers' alike
 if which == 'ours':
     import model
     load = lambda: model.load_model(path, dtype=torch.bfloat16)
