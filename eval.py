@@ -1,0 +1,273 @@
+"""Stage 7: evaluate a trained checkpoint with the trie-constrained beam search (SPEC §4, §5).
+
+    python eval.py --ckpt out/                       # NDCG@5/10, HR@5/10 on the test split -> out/metrics.json
+    python eval.py --ckpt out/ --pruning --dump preds.jsonl
+    torchrun --nproc_per_node 8 eval.py --ckpt out/  # the test set sharded over the processes
+
+Everything needed comes from the checkpoint: the base-model path, dataset, data sample and beam width from
+train_config.json, the LoRA settings from the PEFT adapter_config.json, and the prompt template from data.py
+(recorded in the config and checked). --ckpt is a training --out folder (its best-validation checkpoint is
+used) or one checkpoint folder inside it.
+
+This file also holds the pieces train.py shares for its per-epoch validation: the process-group set-up, the
+sharding and the sharded, all-reduced ranking metrics.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+
+import beam
+import data
+from lora import load_adapter
+from model import load_model, load_tokenizer
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+CUTOFFS = (5, 10)  # the K of NDCG@K / HR@K / PR@K (SPEC §5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Processes: one, or torchrun's N (NCCL on GPUs, gloo on CPU)
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    def broadcast(self, tensor: torch.Tensor) -> None:
+        if self.world > 1:
+            torch_dist.broadcast(tensor, src=0)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch_dist.barrier()
+
+    def close(self) -> None:
+        if self.world > 1 and torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+
+
+def init_distributed() -> Distributed:
+    """Under torchrun (WORLD_SIZE > 1) join the process group; otherwise one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        torch_dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        torch_dist.init_process_group("gloo")
+    return Distributed(rank=torch_dist.get_rank(), world=torch_dist.get_world_size(), device=device)
+
+
+def all_reduce_sum(tensor: torch.Tensor, dist: Distributed) -> None:
+    if dist.world > 1:
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+
+
+def shard_bounds(count: int, rank: int, world: int) -> tuple[int, int]:
+    """[start, stop) of rank's contiguous share of `count` items: the first count % world ranks get one more."""
+    base, extra = divmod(count, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+def write_json_atomic(path, obj) -> None:
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sharded ranking metrics (SPEC §5)
+# ---------------------------------------------------------------------------------------------------------
+
+def evaluate(model, dataset, tokenizer, trie, examples, beam_config, dist: Distributed, pruning=False,
+             keep_results=False) -> tuple[dict, list]:
+    """NDCG@K / HR@K (K = 5, 10) of the constrained beam search over `examples`, each rank searching its
+    contiguous shard with the plain model and the per-metric sums all-reduced. With `pruning`, also PR@K and
+    the violation rate from the exact top-K search. Returns (metrics, this rank's per-example records)."""
+    start, stop = shard_bounds(len(examples), dist.rank, dist.world)
+    shard = examples[start:stop]
+    targets = [example.target for example in shard]
+    prompts = [data.prompt_tokens(dataset.prompt(example), tokenizer) for example in shard]
+    with torch.no_grad():
+        results = beam.beam_search(model, prompts, trie, tokenizer.eos_id, tokenizer.pad_id, beam_config) \
+            if shard else []
+    ranks = [beam.rank_of(target, returned) for target, returned in zip(targets, results)]  # 0-based or None
+    # Sums over this shard (mean x count), all-reduced below: the metric of the whole split on any world size.
+    sums = {f"{name}@{k}": metric(ranks, k) * len(ranks)
+            for name, metric in (("ndcg", beam.ndcg_at), ("hr", beam.hit_at)) for k in CUTOFFS}
+    if pruning:
+        exact = beam.exact_topk(model, prompts, trie, max(CUTOFFS), tokenizer.eos_id, tokenizer.pad_id,
+                                beam_config) if shard else []
+        pruned = {}
+        for k in CUTOFFS:
+            eligible, pruned[k] = beam.pruned_positives(targets, results, exact, k)
+            sums[f"eligible@{k}"], sums[f"pruned@{k}"] = len(eligible), len(pruned[k])
+        # Fig. 4: which of the pruned top-10 positives break the necessary condition p_t >= beta_t somewhere.
+        sums["violated"] = sum(beam.violates_necessary_condition(model, prompts[i], targets[i], trie, beam_config)
+                               for i in pruned[max(CUTOFFS)])
+    records = [{"user_id": example.user_id, "target": example.target,
+                "beams": [{"items": sorted(items), "score": score} for items, score in returned]}
+               for example, returned in zip(shard, results)] if keep_results else []
+
+    names = sorted(sums)
+    totals = torch.tensor([sums[name] for name in names] + [len(shard)], dtype=torch.float64, device=dist.device)
+    all_reduce_sum(totals, dist)
+    totals = dict(zip(names + ["count"], totals.tolist()))
+    count = int(totals["count"])
+    metrics = {f"{name}@{k}": totals[f"{name}@{k}"] / max(count, 1) for name in ("ndcg", "hr") for k in CUTOFFS}
+    if pruning:
+        for k in CUTOFFS:  # PR@K: share of the exact top-K positives that the beam search did not return
+            metrics[f"pr@{k}"] = totals[f"pruned@{k}"] / totals[f"eligible@{k}"] if totals[f"eligible@{k}"] else 0.0
+        pruned_top = totals[f"pruned@{max(CUTOFFS)}"]
+        metrics["violation_rate"] = totals["violated"] / pruned_top if pruned_top else 0.0
+    metrics["num_examples"] = count
+    return metrics, records
+
+
+def gather_records(records: list, dist: Distributed) -> list:
+    """Every rank's records, in example order (the shards are contiguous), on every rank."""
+    if dist.world == 1:
+        return records
+    everything = [None] * dist.world
+    torch_dist.all_gather_object(everything, records)
+    return [record for part in everything for record in part]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The CLI
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class EvalConfig:
+    ckpt: str = field(default="", metadata={"help": "a train.py --out folder, or one checkpoint folder in it"})
+    split: str = field(default="test", metadata={"help": "which split to rank", "choices": ("test", "valid")})
+    limit: int = field(default=0, metadata={"help": "only the first N windows of the split (0 = all)"})
+    pruning: bool = field(default=False, metadata={"help": "add PR@5/10 and the violation rate (exact top-K)"})
+    dump: str = field(default="", metadata={"help": "write per-window predictions to this .jsonl file"})
+    batch: int = field(default=16, metadata={"help": "users per beam-search pass"})
+    length_penalty: float = field(default=0.0, metadata={"help": "0 ranks by total log-prob (SPEC §4); 1.0 "
+                                                                 "reproduces the authors' evaluation"})
+    mask_after_softmax: bool = field(default=False, metadata={"help": "score with full-vocabulary log-probs "
+                                                                      "(stock constrained generation)"})
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A run folder -> its best checkpoint (checkpoint.json, written last by train.py); a checkpoint folder
+    -> itself."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"--ckpt {path}: no such folder")
+    manifest = path / "checkpoint.json"
+    if manifest.exists():
+        fields = json.loads(manifest.read_text())
+        return path / fields.get("best", fields["last"])
+    if (path / "adapter_config.json").exists() and (path / "train_config.json").exists():
+        return path
+    raise FileNotFoundError(f"--ckpt {path}: neither a training run (no checkpoint.json) nor a checkpoint "
+                            f"folder (adapter_config.json + train_config.json)")
+
+
+def run_eval(config: EvalConfig, dist: Distributed) -> dict:
+    if not config.ckpt:
+        raise ValueError("--ckpt is required (a train.py --out folder)")
+    if config.limit < 0 or config.batch < 1:
+        raise ValueError(f"--limit must be >= 0 and --batch >= 1, got {config.limit} and {config.batch}")
+    run_dir = Path(config.ckpt)
+    checkpoint = resolve_checkpoint(run_dir)
+    trained = json.loads((checkpoint / "train_config.json").read_text())
+    if trained.get("prompt_template", data.PROMPT) != data.PROMPT:
+        raise ValueError(f"{checkpoint / 'train_config.json'}: trained with a different prompt template than "
+                         f"data.PROMPT; evaluate with the code version that trained it")
+    tokenizer = load_tokenizer(trained["model"])
+    dataset = data.load_dataset(data.DataConfig(dataset=trained["dataset"], data_dir=trained["data_dir"] or None,
+                                                train_samples=trained["train_samples"], seed=trained["seed"]))
+    trie = data.build_trie(dataset, tokenizer)
+    examples = getattr(dataset, config.split)
+    examples = examples[:config.limit] if config.limit else examples
+    model = load_model(trained["model"], dtype=DTYPES[trained["dtype"]], device=dist.device)
+    load_adapter(model, checkpoint)
+    model.eval()
+    beam_config = beam.BeamConfig(beam_width=trained["beam_width"], batch_size=config.batch,
+                                  mask_before_softmax=not config.mask_after_softmax,
+                                  length_penalty=config.length_penalty)
+    started = time.time()
+    metrics, records = evaluate(model, dataset, tokenizer, trie, examples, beam_config, dist,
+                                pruning=config.pruning, keep_results=bool(config.dump))
+    records = gather_records(records, dist) if config.dump else []
+    report = {"checkpoint": checkpoint.name, "split": config.split, **metrics,
+              "beam_width": trained["beam_width"], "length_penalty": config.length_penalty,
+              "mask_before_softmax": not config.mask_after_softmax}
+    if dist.rank == 0:
+        print(f"{trained['dataset']} {config.split} ({metrics['num_examples']} windows, checkpoint "
+              f"{checkpoint.name}, {time.time() - started:.0f} s)")
+        names = [name for name in metrics if name != "num_examples"]
+        print(" | ".join(f"{name.upper():>8}" for name in names))
+        print(" | ".join(f"{metrics[name]:8.4f}" for name in names))
+        write_json_atomic(run_dir / "metrics.json", report)
+        if config.dump:
+            tmp = Path(config.dump + ".tmp")
+            with open(tmp, "w") as f:
+                for record in records:
+                    f.write(json.dumps(record) + "\n")
+            os.replace(tmp, config.dump)
+    return report
+
+
+def cli_main(main, argv=None, stopped_errors=()) -> int:
+    """Run `main(argv)`; a bad input (ValueError / FileNotFoundError) or a stopped run prints one line
+    `error: ...` (on rank 0 only: every rank meets the same bad input) and exits 2 (1 for a stopped run)."""
+    try:
+        return main(argv)
+    except (ValueError, FileNotFoundError, *stopped_errors) as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1 if isinstance(err, stopped_errors) else 2
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad flag prints one line (`error: ...`) instead of the whole usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def build_parser(config_class, description: str) -> argparse.ArgumentParser:
+    """argparse from a config dataclass: one --flag per field, help and choices from the field metadata."""
+    parser = OneLineErrorParser(description=description)
+    for f in dataclasses.fields(config_class):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            parser.add_argument(flag, type=kind, default=f.default, choices=f.metadata.get("choices"),
+                                help=f.metadata["help"] + " (default: %(default)s)")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser(EvalConfig, "Rank the test split with the constrained beam search.")
+    config = EvalConfig(**vars(parser.parse_args(argv)))
+    dist = init_distributed()
+    try:
+        run_eval(config, dist)
+    finally:
+        dist.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(main))

@@ -1,0 +1,461 @@
+"""Stage 6: LoRA fine-tuning with SFT, MSL, BEAR or Obj 3.1, on 1 to N processes (SPEC §3, §7).
+
+    python train.py --dataset office --loss bear --model <HF Llama folder> --out out/
+    torchrun --nproc_per_node 8 train.py --dataset toy --loss bear --model <Llama-3.x folder>
+
+One optimizer step consumes one GLOBAL batch (default 128 windows), whatever the number of processes:
+the global batch is split over the ranks, each rank's share into micro-batches, and the loss of every
+micro-batch is summed over its label positions and divided by the number of label tokens in the WHOLE global
+batch. Summing the gradients over micro-batches and ranks therefore gives exactly the gradient of the mean
+per-token loss of the global batch: the same on 1 or 8 processes, for any micro-batch size, even when the
+global batch does not divide evenly (nanoGPT's `loss / accumulation_steps` is only right when every
+micro-batch holds the same number of label tokens).
+
+Data parallelism is done by hand rather than with the DistributedDataParallel wrapper: the trainable tensors
+are the LoRA adapters only (a few MB), so one all-reduce of their flattened gradient per optimizer step costs
+nothing next to the forward passes, and it lets ranks run DIFFERENT numbers of micro-batches (an uneven split,
+or a rank with no example at all in the last, short batch of an epoch), which the wrapper's one-all-reduce-
+per-backward protocol cannot do without dummy passes. It also removes the wrapper's classic deadlock: the
+validation search calls the plain model on every rank's shard.
+
+Exact resume: the data order of an epoch is a permutation seeded by (seed, epoch); the learning rate is a
+function of the step; dropout's random state is re-seeded from (seed, step, rank) at every step. So the step
+number plus the adapter and the AdamW moments is the whole state, and a run killed at any point and resumed
+with --resume logs the same losses and ends with the same adapter as one that never stopped.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data
+import loss as losses
+from beam import BeamConfig, prefix_thresholds
+from eval import (DTYPES, Distributed, all_reduce_sum, build_parser, cli_main, evaluate, init_distributed,
+                  shard_bounds, write_json_atomic)
+from lora import LoraConfig, apply_lora, load_adapter, save_adapter
+from model import load_model, load_tokenizer
+
+LOSSES = ("sft", "msl", "bear", "obj31")
+CONFIG_FILE = "train_config.json"  # the run's TrainConfig, in --out and in every checkpoint folder
+MANIFEST_FILE = "checkpoint.json"  # written last, atomically: names the complete checkpoint folders
+STATE_FILE = "trainer_state.pt"  # optimizer moments, step, best metric, log length (beside the adapter files)
+LOG_FILE = "log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = field(default="", metadata={"help": "office | book | toy | clothing (required)"})
+    loss: str = field(default="bear", metadata={"help": "training objective (SPEC §3)", "choices": LOSSES})
+    model: str = field(default="", metadata={"help": "base model folder, Hugging Face Llama format (required)"})
+    out: str = field(default="out", metadata={"help": "checkpoint folder"})
+    epochs: int = field(default=10, metadata={"help": "passes over the training sample"})
+    global_batch: int = field(default=128, metadata={"help": "windows per optimizer step, over all processes"})
+    micro_batch: int = field(default=8, metadata={"help": "windows per forward/backward pass on one process"})
+    lr: float = field(default=1e-4, metadata={"help": "peak AdamW learning rate"})
+    warmup_steps: int = field(default=20, metadata={"help": "linear warm-up steps, then linear decay to 0"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (transformers' Trainer "
+                                                                "default, used by the authors); 0 = off"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (update scaled by alpha / r)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    lora_targets: str = field(default="q_proj,v_proj", metadata={"help": "comma-separated module names"})
+    beam_width: int = field(default=10, metadata={"help": "B: BEAR's beta_t rank, Obj 3.1's and the "
+                                                          "validation search's beam width"})
+    lam: float = field(default=0.6875, metadata={"help": "lambda of eq. 3.5 (paper units). The authors' "
+                                                         "`topk_weight` lambda' maps to lam = lambda' * xi "
+                                                         "(their Toy default 0.25 -> 0.6875)"})
+    xi: float = field(default=2.75, metadata={"help": "xi, the sigmoid temperature of eq. 3.4 / 3.1"})
+    tau: float = field(default=1.0, metadata={"help": "softmax temperature of MSL (and BEAR's MSL base)"})
+    train_samples: int = field(default=10000, metadata={"help": "windows sampled from train with --seed "
+                                                                "(0 = all of train)"})
+    seed: int = field(default=42, metadata={"help": "data sample, data order, LoRA init and dropout"})
+    dtype: str = field(default="bf16", metadata={"help": "base model dtype (the LoRA tensors and AdamW stay "
+                                                         "fp32)", "choices": ("bf16", "fp32")})
+    data_dir: str = field(default="", metadata={"help": "folder holding Office/, Toy/, ... "
+                                                        "(default $BEAR_DATA, else ./data)"})
+    eval_batch: int = field(default=16, metadata={"help": "users per validation beam-search pass"})
+    save_every: int = field(default=0, metadata={"help": "also checkpoint every N steps (0 = epoch ends only)"})
+    max_steps: int = field(default=0, metadata={"help": "stop after N optimizer steps (0 = all epochs)"})
+    limit: int = field(default=0, metadata={"help": "use only the first N training windows (0 = all)"})
+    valid_limit: int = field(default=0, metadata={"help": "validate on the first N windows (0 = all)"})
+    resume: bool = field(default=False, metadata={"help": "continue the run saved in --out"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the run saved in --out"})
+
+
+# Flags that may differ between a run and its --resume (they do not change what is computed).
+RESUME_MAY_CHANGE = {"resume", "overwrite", "out", "save_every", "eval_batch"}
+
+
+def parse_config(argv) -> tuple[TrainConfig, set[str]]:
+    """The config, and the names of the flags given explicitly (a --resume may omit the others)."""
+    parser = build_parser(TrainConfig, "LoRA fine-tuning of an LLM recommender with SFT / MSL / BEAR / Obj 3.1 "
+                                       "(under torchrun for several processes).")
+    config = TrainConfig(**vars(parser.parse_args(argv)))
+    for action in parser._actions:  # a second parse with no defaults tells which flags were typed
+        action.default = argparse.SUPPRESS
+    given = set(vars(parser.parse_args(argv)))
+    # Absolute paths, so that eval.py and --resume find the model and data from any working directory.
+    if config.model:
+        config.model = str(Path(config.model).resolve())
+    if config.data_dir:
+        config.data_dir = str(Path(config.data_dir).resolve())
+    return config, given
+
+
+def check_config(config: TrainConfig) -> None:
+    if not config.dataset:
+        raise ValueError("--dataset is required (office, book, toy or clothing)")
+    if not config.model:
+        raise ValueError("--model is required (a Hugging Face Llama folder)")
+    positive = ["epochs", "global_batch", "micro_batch", "lora_r", "beam_width", "eval_batch"]
+    for name in positive:
+        if getattr(config, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
+    for name in ["warmup_steps", "save_every", "max_steps", "limit", "valid_limit", "max_grad_norm", "train_samples"]:
+        if getattr(config, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
+    if not (config.lr > 0 and config.xi > 0 and config.tau > 0):
+        raise ValueError(f"--lr, --xi and --tau must be > 0, got {config.lr}, {config.xi}, {config.tau}")
+    if config.resume and config.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    lora_config(config)  # validates r, alpha, dropout and the target names
+
+
+def lora_config(config: TrainConfig) -> LoraConfig:
+    targets = tuple(name.strip() for name in config.lora_targets.split(",") if name.strip())
+    return LoraConfig(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, target_modules=targets)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The --out folder: refuse to mix runs; resume from the manifest
+# ---------------------------------------------------------------------------------------------------------
+
+def prepare_out_dir(config: TrainConfig, given: set[str], dist: Distributed) -> TrainConfig:
+    """Check --out against --resume / --overwrite. Returns the config to run (a resume's saved one)."""
+    out = Path(config.out)
+    saved_path = out / CONFIG_FILE
+    if not saved_path.exists():
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} exists and is not a folder")
+        check_config(config)
+        return config
+    if config.overwrite:  # the old run is removed once the new one has loaded without error (train())
+        check_config(config)
+        return config
+    saved = read_config(saved_path)
+    if not config.resume:
+        raise ValueError(f"--out {out} already holds a run ({CONFIG_FILE}: --loss {saved.loss} on "
+                         f"{saved.dataset}); pass --resume to continue it or --overwrite to replace it")
+    differing = [name for name in given - RESUME_MAY_CHANGE if getattr(config, name) != getattr(saved, name)]
+    if differing:
+        name = differing[0]
+        raise ValueError(f"--resume: --{name.replace('_', '-')} {getattr(config, name)} differs from the saved "
+                         f"run's {getattr(saved, name)} ({saved_path}); start a new run in another --out")
+    resumed = dataclasses.replace(saved, **{name: getattr(config, name) for name in RESUME_MAY_CHANGE})
+    check_config(resumed)
+    return resumed
+
+
+def config_record(config: TrainConfig) -> dict:
+    """What train_config.json holds: the flags, plus the prompt template eval.py checks against."""
+    return {**dataclasses.asdict(config), "prompt_template": data.PROMPT}
+
+
+def read_config(path: Path) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in json.loads(path.read_text()).items() if k in names})
+
+
+def remove_run(out: Path) -> None:
+    """--overwrite: delete only what a run of train.py / eval.py writes, never other files in --out."""
+    for path in [*out.glob("step-*"), out / MANIFEST_FILE, out / CONFIG_FILE, out / LOG_FILE, out / "metrics.json"]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def read_manifest(out: Path) -> dict | None:
+    path = out / MANIFEST_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def save_checkpoint(out: Path, model, config: TrainConfig, state: dict, manifest: dict) -> dict:
+    """Write the checkpoint of `state["step"]` into a temporary folder, rename it into place, then replace the
+    manifest. A kill at any moment leaves the manifest naming complete folders only: the previous checkpoint
+    until the new manifest has been renamed over it, the new one after."""
+    name = f"step-{state['step']:08d}"
+    tmp, final = out / (name + ".tmp"), out / name
+    for stale in (tmp, final):  # leftovers of a killed attempt at this very step (never in the manifest)
+        if stale.exists():
+            shutil.rmtree(stale)
+    save_adapter(model, lora_config(config), tmp, base_model_path=config.model)  # PEFT format
+    torch.save(state, tmp / STATE_FILE)
+    write_json_atomic(tmp / CONFIG_FILE, config_record(config))
+    os.rename(tmp, final)
+    manifest = {**manifest, "last": name, "step": state["step"]}
+    if state["best_step"] == state["step"]:
+        manifest["best"] = name
+    manifest["best_metric"] = state["best_metric"]
+    write_json_atomic(out / MANIFEST_FILE, manifest)
+    delete_unreferenced_checkpoints(out, manifest)
+    return manifest
+
+
+def delete_unreferenced_checkpoints(out: Path, manifest: dict) -> None:
+    keep = {manifest.get("last"), manifest.get("best")}
+    for path in out.glob("step-*"):
+        if path.name not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data order and the learning rate: pure functions of (seed, epoch, step), so resuming needs no RNG state
+# ---------------------------------------------------------------------------------------------------------
+
+def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's example order, identical on every rank."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def learning_rate(step: int, total_steps: int, config: TrainConfig) -> float:
+    """Linear warm-up then linear decay to 0, exactly transformers' get_linear_schedule_with_warmup (the
+    authors' Trainer): step k (0-based) uses lr * k / warmup during warm-up, so the very first update is 0."""
+    if step < config.warmup_steps:
+        return config.lr * step / max(1, config.warmup_steps)
+    return config.lr * max(0.0, (total_steps - step) / max(1, total_steps - config.warmup_steps))
+
+
+def reseed_dropout(seed: int, step: int, rank: int) -> None:
+    """Dropout masks depend only on (seed, step, rank): an exactly resumable random state."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One micro-batch's per-position losses (SPEC §3)
+# ---------------------------------------------------------------------------------------------------------
+
+def label_position_losses(model, batch: dict, micro: list, trie, config: TrainConfig, tokenizer) -> torch.Tensor:
+    """Per-label-position losses (N,) fp32 of one micro-batch (the caller sums them and divides by the global
+    label-token count). `micro` holds the batch's data.EncodedExample (Obj 3.1 needs the prompts)."""
+    device = batch["input_ids"].device
+    logits = model(batch["input_ids"], logits_at=batch["label_mask"])  # (N, V) model dtype; upcast in the loss
+    labels = batch["labels"]  # (N,)
+    if config.loss == "sft":
+        return losses.sft(logits, labels)  # eq. 2.1
+    valid_row, valid_token = trie.valid_next(batch["label_nodes"].cpu())  # (M,), (M,) every trie-valid token
+    valid_row, valid_token = valid_row.to(device), valid_token.to(device)
+    if config.loss == "msl":
+        return losses.msl(logits, labels, valid_row, valid_token, tau=config.tau)
+    if config.loss == "bear":  # eq. 3.5 with MSL as the base, as in the authors' code
+        return losses.bear(logits, labels, valid_row, valid_token, beam_width=config.beam_width, lam=config.lam,
+                           xi=config.xi, tau=config.tau)
+    # Obj 3.1 (eq. 3.1): thresholds from a simulated constrained beam search under the current parameters (no
+    # grad, dropout off), scored as MSL trains: masked before the softmax, at temperature tau.
+    prompts = [e.input_ids[:e.prompt_length].tolist() for e in micro]
+    targets = [e.target for e in micro]
+    model.eval()
+    with torch.no_grad():
+        thresholds = prefix_thresholds(model, prompts, targets, trie, tokenizer.eos_id, tokenizer.pad_id,
+                                       BeamConfig(beam_width=config.beam_width), tau=config.tau)  # (N,)
+    model.train()
+    target_lengths = torch.tensor([len(e.target_nodes) for e in micro])
+    label_example = torch.repeat_interleave(torch.arange(len(micro)), target_lengths)  # (N,) window of each label
+    return losses.obj31(logits, labels, valid_row, valid_token, thresholds.to(device), label_example.to(device),
+                        beam_width=config.beam_width, lam=config.lam, xi=config.xi, tau=config.tau)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The training run
+# ---------------------------------------------------------------------------------------------------------
+
+class TrainingStopped(RuntimeError):
+    """A run that cannot go on (a NaN loss): exit 1 with the message, the last good checkpoint kept."""
+
+
+def stop_unless_finite(what: str, value: float, step: int, out: Path, manifest: dict) -> None:
+    """A NaN / inf loss or gradient stops the run before the optimizer touches the adapter. Every rank sees
+    the same all-reduced value, so every rank stops at the same step (no rank is left waiting)."""
+    if not math.isfinite(value):
+        kept = out / manifest["last"] if manifest.get("last") else "none was written yet"
+        raise TrainingStopped(f"{what} is {value} at step {step}; stopped without updating the adapter. "
+                              f"Last good checkpoint (kept): {kept}")
+
+
+def train(config: TrainConfig, given: set[str], dist: Distributed) -> dict:
+    config = prepare_out_dir(config, given, dist)
+    out = Path(config.out)
+    dtype = DTYPES[config.dtype]
+
+    # Everything that can fail on a bad input is loaded before anything is written.
+    tokenizer = load_tokenizer(config.model)
+    dataset = data.load_dataset(data.DataConfig(dataset=config.dataset, data_dir=config.data_dir or None,
+                                                train_samples=config.train_samples, seed=config.seed))
+    trie = data.build_trie(dataset, tokenizer)
+    train_examples = dataset.train[:config.limit] if config.limit else dataset.train
+    valid_examples = dataset.valid[:config.valid_limit] if config.valid_limit else dataset.valid
+    if dist.rank == 0:
+        for note in dataset.notes:  # e.g. Book / Clothing: validation held out of train
+            print(f"note: {note}", flush=True)
+    if dist.world > len(train_examples):
+        raise ValueError(f"{dist.world} processes but only {len(train_examples)} training windows: "
+                         f"use at most {len(train_examples)} processes (or a larger --limit)")
+    model = load_model(config.model, dtype=dtype, device=dist.device)
+    torch.manual_seed(config.seed)  # the same LoRA init on every rank
+    apply_lora(model, lora_config(config))
+    params = [param for _, param in sorted(model.named_parameters()) if param.requires_grad]  # LoRA A, B (fp32)
+    for param in params:  # rank 0's init everywhere (cheap insurance against a rank-dependent RNG)
+        dist.broadcast(param.data)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+
+    steps_per_epoch = math.ceil(len(train_examples) / config.global_batch)  # the last batch may be short
+    total_steps = steps_per_epoch * config.epochs
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
+    label_counts = [len(trie.item_tokens[example.target]) for example in train_examples]  # per window
+
+    # Resume, or start fresh.
+    manifest = read_manifest(out) if config.resume else None
+    state = {"step": 0, "best_metric": None, "best_step": None, "epochs": [], "log_bytes": 0}
+    if manifest:
+        checkpoint = out / manifest["last"]
+        load_adapter(model, checkpoint)
+        state = torch.load(checkpoint / STATE_FILE, map_location=dist.device, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        if dist.rank == 0:
+            print(f"resuming {out} from step {state['step']} ({checkpoint.name})", flush=True)
+    if dist.rank == 0:
+        if config.overwrite:
+            remove_run(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / CONFIG_FILE, config_record(config))
+        if (out / LOG_FILE).exists():  # drop what a killed run logged after its last checkpoint
+            os.truncate(out / LOG_FILE, state["log_bytes"])
+        delete_unreferenced_checkpoints(out, manifest or {})
+        for tmp in out.glob("step-*.tmp"):
+            shutil.rmtree(tmp)
+    dist.barrier()  # --out is ready before any rank trains
+    manifest = manifest or {}
+    if state["step"] >= total_steps:
+        if dist.rank == 0:
+            print(f"{out}: already trained for {state['step']} steps, nothing to do", flush=True)
+        return state
+
+    log = open(out / LOG_FILE, "a") if dist.rank == 0 else None
+    encoded = {}  # window index -> data.EncodedExample, tokenised when first needed
+    beam_config = BeamConfig(beam_width=config.beam_width, batch_size=config.eval_batch)
+    start_time, start_step = time.time(), state["step"]
+    model.train()
+    while state["step"] < total_steps:
+        step = state["step"]
+        epoch, step_in_epoch = divmod(step, steps_per_epoch)
+        order = epoch_order(len(train_examples), config.seed, epoch)
+        global_batch = order[step_in_epoch * config.global_batch:(step_in_epoch + 1) * config.global_batch]
+        global_label_tokens = sum(label_counts[i] for i in global_batch)  # every rank knows the whole batch
+        start, stop = shard_bounds(len(global_batch), dist.rank, dist.world)
+        my_batch = global_batch[start:stop]  # this rank's share; ranks may differ by one window (or hold none)
+
+        step_start = time.time()
+        reseed_dropout(config.seed, step, dist.rank)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
+        for first in range(0, len(my_batch), config.micro_batch):
+            indices = my_batch[first:first + config.micro_batch]
+            for i in indices:
+                if i not in encoded:
+                    encoded[i] = data.encode_examples([train_examples[i]], dataset, tokenizer, trie)[0]
+            micro = [encoded[i] for i in indices]
+            batch = data.collate_train(micro, tokenizer.pad_id)
+            batch = {k: v.to(dist.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            per_position = label_position_losses(model, batch, micro, trie, config, tokenizer)  # (n,) fp32
+            # Divide by the GLOBAL label count: summed over micro-batches and ranks this is the batch mean.
+            (per_position.sum() / global_label_tokens).backward()
+            loss_sum += per_position.detach().sum().double()
+
+        # Sum gradients (and the loss) over ranks: one all-reduce of the flattened LoRA gradients.
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        flat = torch.cat([flat.double(), loss_sum.reshape(1)])
+        all_reduce_sum(flat, dist)
+        batch_loss = float(flat[-1]) / global_label_tokens
+        stop_unless_finite("loss", batch_loss, step + 1, out, manifest)
+        offset = 0
+        for param in params:
+            param.grad = flat[offset:offset + param.numel()].view_as(param).to(param.dtype)
+            offset += param.numel()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf))  # global
+        stop_unless_finite("gradient norm", grad_norm, step + 1, out, manifest)
+        lr = learning_rate(step, total_steps, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] = step = step + 1
+
+        seconds = time.time() - step_start
+        if dist.rank == 0:
+            record = {"step": step, "epoch": epoch + 1, "loss": batch_loss, "lr": lr, "grad_norm": grad_norm,
+                      "label_tokens": global_label_tokens, "tokens_per_s": global_label_tokens / seconds}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            rate = (time.time() - start_time) / (step - start_step)
+            print(f"step {step}/{total_steps} | epoch {epoch + 1} | loss {batch_loss:.4f} | lr {lr:.2e} | "
+                  f"{record['tokens_per_s']:.0f} label tok/s | {rate:.2f} s/step | "
+                  f"~{format_seconds(rate * (total_steps - step))} left", flush=True)
+
+        end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
+        if end_of_epoch:
+            model.eval()
+            valid_start = time.time()
+            metrics, _ = evaluate(model, dataset, tokenizer, trie, valid_examples, beam_config, dist)
+            model.train()
+            record = {"epoch": epoch + 1, "step": step, "valid": metrics, "valid_s": time.time() - valid_start}
+            state["epochs"].append(record)
+            if state["best_metric"] is None or metrics["ndcg@10"] > state["best_metric"]:
+                state["best_metric"], state["best_step"] = metrics["ndcg@10"], step
+            if dist.rank == 0:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                print(f"epoch {epoch + 1}: valid NDCG@10 {metrics['ndcg@10']:.4f} HR@10 {metrics['hr@10']:.4f} "
+                      f"({metrics['num_examples']} windows, {record['valid_s']:.0f} s)", flush=True)
+        if end_of_epoch or (config.save_every and step % config.save_every == 0):
+            if dist.rank == 0:
+                state["optimizer"] = optimizer.state_dict()
+                state["log_bytes"] = log.tell()
+                manifest = save_checkpoint(out, model, config, state, manifest)
+                del state["optimizer"]
+            dist.barrier()  # nobody runs ahead of a checkpoint that may yet fail to write
+    if log:
+        log.close()
+    if dist.rank == 0:
+        print(f"done: best valid NDCG@10 {state['best_metric']:.4f} at step {state['best_step']} "
+              f"({out / manifest['best']})", flush=True)
+    return state
+
+
+def format_seconds(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def main(argv=None) -> int:
+    config, given = parse_config(argv)
+    dist = init_distributed()
+    try:
+        train(config, given, dist)
+    finally:
+        dist.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(main, stopped_errors=(TrainingStopped,)))
