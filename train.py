@@ -76,6 +76,9 @@ class TrainConfig:
                                                          "(their Toy default 0.25 -> 0.6875)"})
     xi: float = field(default=2.75, metadata={"help": "xi, the sigmoid temperature of eq. 3.4 / 3.1"})
     tau: float = field(default=1.0, metadata={"help": "softmax temperature of MSL (and BEAR's MSL base)"})
+    base: str = field(default="msl", metadata={"help": "base loss under BEAR / Obj 3.1: msl (the authors' code; "
+                                                       "masked probabilities) or sft (full-vocabulary)",
+                                               "choices": ("msl", "sft")})
     train_samples: int = field(default=10000, metadata={"help": "windows sampled from train with --seed "
                                                                 "(0 = all of train)"})
     seed: int = field(default=42, metadata={"help": "data sample, data order, LoRA init and dropout"})
@@ -126,6 +129,8 @@ def check_config(config: TrainConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
     if not (config.lr > 0 and config.xi > 0 and config.tau > 0):
         raise ValueError(f"--lr, --xi and --tau must be > 0, got {config.lr}, {config.xi}, {config.tau}")
+    if config.base == "sft" and config.tau != 1.0:
+        raise ValueError(f"--tau {config.tau} applies only to the MSL base (--base msl)")
     if config.resume and config.overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
     lora_config(config)  # validates r, alpha, dropout and the target names
@@ -257,22 +262,24 @@ def label_position_losses(model, batch: dict, micro: list, trie, config: TrainCo
     valid_row, valid_token = valid_row.to(device), valid_token.to(device)
     if config.loss == "msl":
         return losses.msl(logits, labels, valid_row, valid_token, tau=config.tau)
-    if config.loss == "bear":  # eq. 3.5 with MSL as the base, as in the authors' code
+    if config.loss == "bear":  # eq. 3.5; MSL as the base by default, as in the authors' code
         return losses.bear(logits, labels, valid_row, valid_token, beam_width=config.beam_width, lam=config.lam,
-                           xi=config.xi, tau=config.tau)
+                           xi=config.xi, tau=config.tau, base=config.base)
     # Obj 3.1 (eq. 3.1): thresholds from a simulated constrained beam search under the current parameters (no
-    # grad, dropout off), scored as MSL trains: masked before the softmax, at temperature tau.
+    # grad, dropout off), scored as the base loss trains: masked before the softmax at temperature tau for MSL,
+    # full-vocabulary log-probs for SFT.
     prompts = [e.input_ids[:e.prompt_length].tolist() for e in micro]
     targets = [e.target for e in micro]
     model.eval()
     with torch.no_grad():
         thresholds = prefix_thresholds(model, prompts, targets, trie, tokenizer.eos_id, tokenizer.pad_id,
-                                       BeamConfig(beam_width=config.beam_width), tau=config.tau)  # (N,)
+                                       BeamConfig(beam_width=config.beam_width,
+                                                  mask_before_softmax=config.base == "msl"), tau=config.tau)  # (N,)
     model.train()
     target_lengths = torch.tensor([len(e.target_nodes) for e in micro])
     label_example = torch.repeat_interleave(torch.arange(len(micro)), target_lengths)  # (N,) window of each label
     return losses.obj31(logits, labels, valid_row, valid_token, thresholds.to(device), label_example.to(device),
-                        beam_width=config.beam_width, lam=config.lam, xi=config.xi, tau=config.tau)
+                        beam_width=config.beam_width, lam=config.lam, xi=config.xi, tau=config.tau, base=config.base)
 
 
 # ---------------------------------------------------------------------------------------------------------
