@@ -11,7 +11,11 @@ oracle; what it does differently is only WHERE the work goes:
   over those pairs, never an (R, V) mask;
 - a user whose search is over leaves the batch (its rows leave the cache), so late steps run on few rows;
 - beams hold only live hypotheses: a user with fewer than B valid continuations runs fewer rows, where HF
-  carries placeholder beams scored about -1e9 (they can never outrank a real hypothesis, so results agree).
+  carries placeholder beams scored about -1e9 (they can never outrank a real hypothesis, so results agree);
+- with the mask before the softmax, a beam whose trie node has a single leaf below it is "determined": every
+  remaining token has log p = log 1 = 0 exactly, so its final score and tokens are known. It stays in the
+  lock-step bookkeeping (beam slot, ranking, stopping rule, gen_len at its EOS: identical results for any
+  length_penalty) but leaves the model batch and the KV cache, so the long tails of long titles cost no forward.
 
 Search semantics per user and step t (gen_len = t + 1 tokens generated, EOS included):
   candidates = every trie-valid one-token extension of the running beams, score = beam score + log p(token);
@@ -27,6 +31,7 @@ All arithmetic is fp32 (logits are upcast), in the same order as HF, so scores a
 import copy
 import heapq
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +85,34 @@ def _prefill(model, prompts, pad_id):
     return cache, logits, prompt_mask
 
 
+_LEAF_COUNTS = weakref.WeakKeyDictionary()   # trie -> (num_nodes,) leaves per subtree, computed once per trie
+
+
+def _leaf_counts(trie):
+    """(num_nodes,) long: how many leaves (distinct titles) lie in each node's subtree, the node included.
+
+    Node ids run breadth first, so each depth is a contiguous id range and the children of depth d form depth
+    d + 1; the counts are summed into the parents one depth at a time, deepest first (one index_add per depth)."""
+    counts = _LEAF_COUNTS.get(trie)
+    if counts is not None:
+        return counts
+    counts = torch.zeros(trie.num_nodes, dtype=torch.long)                               # (num_nodes,)
+    counts[torch.tensor(sorted(trie.leaf_items), dtype=torch.long)] = 1
+    edge_parent = torch.repeat_interleave(torch.arange(trie.num_nodes), trie.child_ptr.diff())   # (E,)
+    parent = torch.full((trie.num_nodes,), -1, dtype=torch.long)
+    parent[trie.child_node] = edge_parent                                                # (num_nodes,) root: -1
+    if bool((trie.child_node <= edge_parent).any()):
+        raise ValueError("the item trie's node ids are not breadth first (a child id is not above its parent's)")
+    depths = [(0, 1)]                                                                    # [first, end) node ids
+    while int(trie.child_ptr[depths[-1][1]]) > int(trie.child_ptr[depths[-1][0]]):
+        first, end = depths[-1]
+        depths.append((int(trie.child_node[trie.child_ptr[first]]), int(trie.child_node[trie.child_ptr[end] - 1]) + 1))
+    for first, end in reversed(depths[1:]):
+        counts.index_add_(0, parent[first:end], counts[first:end].clone())   # parents lie above `first`
+    _LEAF_COUNTS[trie] = counts
+    return counts
+
+
 def _children(trie, nodes):
     """Every trie edge out of `nodes` (R,), flattened in row order from the CSR arrays: (row, token, child) (M,)."""
     start = trie.child_ptr[nodes]                                                       # (R,)
@@ -120,13 +153,20 @@ def _rank_per_user(cand_user, cand_score, num_users, k):
 
 
 def _step(trie, logits, beams, num_users, beam_width, eos_id, mask_before_softmax):
-    """Score and rank all valid continuations of all beams. beams = (row_user, row_node, row_score), each (R,).
+    """Score and rank all valid continuations of all beams. beams = (row_user, row_node, row_score, row_model),
+    each (R,); row_model = the beam's row of `logits` (and of the KV cache), -1 for a determined beam (see
+    _advance), whose single continuation has log p = 0 exactly: the log-softmax over one valid logit v is
+    v - (v + log 1) = 0 in floating point too, so skipping its forward changes no score by a single bit.
 
     Returns per user the top 2B candidates (HF looks no further: at most B of them can end in EOS, so at least
     B non-EOS ones are among them whenever they exist) as a dict of (U, 2B) tensors."""
-    row_user, row_node, row_score = beams
+    row_user, row_node, row_score, row_model = beams
     row, token, child = _children(trie, row_node)                                       # (M,)
-    cand_score = row_score[row] + _token_log_probs(logits, row, token, mask_before_softmax)   # (M,) fp32
+    model_row = row_model[row]                                                          # (M,) -1: determined
+    log_p = torch.zeros(row.numel())                                                    # (M,) fp32
+    live = model_row >= 0
+    log_p[live] = _token_log_probs(logits, model_row[live], token[live], mask_before_softmax)
+    cand_score = row_score[row] + log_p                                                 # (M,) fp32
     score, index = _rank_per_user(row_user[row], cand_score, num_users, 2 * beam_width)        # (U, 2B)
     real = score > -math.inf                                                            # (U, 2B)
     is_eos = (token[index] == eos_id) & real
@@ -136,15 +176,29 @@ def _step(trie, logits, beams, num_users, beam_width, eos_id, mask_before_softma
                 is_eos=is_eos, running=running, rank=torch.arange(score.shape[1]).expand_as(score))
 
 
-def _advance(model, cache, prompt_mask, user_prompt_row, step, num_generated):
-    """Follow the surviving candidates (running & kept users): reorder the cache, run one token, return logits."""
+def _advance(model, cache, prompt_mask, user_prompt_row, step, num_generated, row_model, determined_after):
+    """Follow the surviving candidates (running & kept users): reorder the cache, run one token; returns the fp32
+    logits (R_model, V) and each new beam's row in them (R',), -1 for a determined beam.
+
+    A beam is determined once its trie node has a single leaf in its subtree (determined_after: (num_nodes,)
+    bool, all False when masking after the softmax): its remaining tokens are fixed and, with the mask before
+    the softmax, each of them has log p = 0 exactly, so its final score is already known. It keeps its beam slot
+    and its place in the lock-step bookkeeping (the HF ranking and stopping rule are unchanged), but leaves the
+    model batch and the KV cache for good (its descendants are determined too): on Office, beams on long titles
+    otherwise cost a forward and a cache copy for up to ~200 steps after their outcome is settled."""
     keep = step["running"]                                                              # (U, 2B) bool
-    parent, token = step["parent"][keep], step["token"][keep]                           # (R',) row-major: by user
-    cache.reorder(parent)                                                               # beams AND batch shrink
+    parent, token, child = step["parent"][keep], step["token"][keep], step["child"][keep]   # (R',) by user
     row_prompt = user_prompt_row.repeat_interleave(keep.sum(1))                         # (R',) prompt row per beam
-    attention_mask = torch.cat([prompt_mask[row_prompt],
-                                torch.ones(token.numel(), num_generated, dtype=prompt_mask.dtype)], dim=1)
-    return model(token[:, None], attention_mask=attention_mask, cache=cache)[:, -1].float()      # (R', V)
+    run = ~determined_after[child]                                                      # (R',) still uncertain
+    new_row_model = torch.where(run, torch.cumsum(run.long(), 0) - 1, -1)             # (R',)
+    # An uncertain beam's parent was uncertain (a subtree's leaves include its children's), so it has a cache row.
+    cache.reorder(row_model[parent[run]])                                               # beams AND batch shrink
+    if not bool(run.any()):
+        return torch.empty(0, 0), new_row_model          # nothing left to score: no row reads these logits
+    attention_mask = torch.cat([prompt_mask[row_prompt[run]],
+                                torch.ones(int(run.sum()), num_generated, dtype=prompt_mask.dtype)], dim=1)
+    logits = model(token[run][:, None], attention_mask=attention_mask, cache=cache)[:, -1].float()   # (R_model, V)
+    return logits, new_row_model
 
 
 # ------------------------------------------------------------------------------------------------ beam search
@@ -164,12 +218,21 @@ def beam_search(model, prompts, trie, eos_id, pad_id, config=BeamConfig()):
     return results
 
 
+def _determined_nodes(trie, mask_before_softmax):
+    """(num_nodes,) bool: nodes after which every step has log p = 0 exactly (one leaf below, mask before)."""
+    if not mask_before_softmax:   # full-vocabulary log-probs are not 0 on single-child nodes
+        return torch.zeros(trie.num_nodes, dtype=torch.bool)
+    return _leaf_counts(trie) == 1
+
+
 def _beam_search_batch(model, prompts, trie, eos_id, pad_id, config):
     width, penalty = config.beam_width, config.length_penalty
+    determined = _determined_nodes(trie, config.mask_before_softmax)                   # (num_nodes,) bool
     cache, logits, prompt_mask = _prefill(model, prompts, pad_id)
     num_users = len(prompts)
     active = torch.arange(num_users)                                    # (U_a,) prompt row of each active user
-    beams = (torch.arange(num_users), torch.zeros(num_users, dtype=torch.long), torch.zeros(num_users))
+    beams = (torch.arange(num_users), torch.zeros(num_users, dtype=torch.long), torch.zeros(num_users),
+             torch.arange(num_users))                                   # (user, node, score, logits/cache row)
     finished_score = torch.full((num_users, width), -math.inf)          # (U_a, B) best first
     finished_node = torch.full((num_users, width), -1, dtype=torch.long)
     results = [[] for _ in prompts]
@@ -202,8 +265,8 @@ def _beam_search_batch(model, prompts, trie, eos_id, pad_id, config):
         keep = step["running"]
         new_user_index = torch.cumsum(~done, 0) - 1                                    # (U_a,)
         row_user = new_user_index.repeat_interleave(keep.sum(1))
-        logits = _advance(model, cache, prompt_mask, active, step, gen_len)
-        beams = (row_user, step["child"][keep], step["score"][keep])
+        logits, row_model = _advance(model, cache, prompt_mask, active, step, gen_len, beams[3], determined)
+        beams = (row_user, step["child"][keep], step["score"][keep], row_model)
         active, finished_score, finished_node = active[~done], finished_score[~done], finished_node[~done]
     return results
 
@@ -242,10 +305,12 @@ def prefix_thresholds(model, prompts, targets, trie, eos_id, pad_id, config=Beam
 
 def _thresholds_batch(model, prompts, labels, trie, eos_id, pad_id, config, tau):
     width = config.beam_width
+    determined = _determined_nodes(trie, config.mask_before_softmax)   # log p = 0 exactly for any tau > 0
     cache, logits, prompt_mask = _prefill(model, prompts, pad_id)
     num_users = len(prompts)
     active = torch.arange(num_users)
-    beams = (torch.arange(num_users), torch.zeros(num_users, dtype=torch.long), torch.zeros(num_users))
+    beams = (torch.arange(num_users), torch.zeros(num_users, dtype=torch.long), torch.zeros(num_users),
+             torch.arange(num_users))
     thresholds = [[] for _ in prompts]
     gen_len = 0
     while True:
@@ -270,8 +335,8 @@ def _thresholds_batch(model, prompts, labels, trie, eos_id, pad_id, config, tau)
         step["running"] &= ~done[:, None]
         keep = step["running"]
         row_user = (torch.cumsum(~done, 0) - 1).repeat_interleave(keep.sum(1))
-        logits = _advance(model, cache, prompt_mask, active, step, gen_len)
-        beams = (row_user, step["child"][keep], step["score"][keep])
+        logits, row_model = _advance(model, cache, prompt_mask, active, step, gen_len, beams[3], determined)
+        beams = (row_user, step["child"][keep], step["score"][keep], row_model)
         active = active[~done]
 
 

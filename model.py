@@ -173,10 +173,12 @@ class KVCache:
         return k, v
 
     def reorder(self, index: torch.LongTensor) -> None:
+        # Advanced indexing, not index_select: on this CPU build index_select along dim 0 of a 4-d cache tensor
+        # measured ~160x slower (1.29 s vs 8 ms for a (160, 3, 300, 64) bf16 tensor); the result is identical.
         for layer, (k, v) in enumerate(zip(self.keys, self.values)):
             if k is not None:
-                self.keys[layer] = k.index_select(0, index.to(k.device))
-                self.values[layer] = v.index_select(0, index.to(v.device))
+                self.keys[layer] = k[index.to(k.device)]                   # (len(index), kv_heads, P, D)
+                self.values[layer] = v[index.to(v.device)]
 
 
 class Attention(nn.Module):
