@@ -4,8 +4,9 @@ SPEC §4 and §5. The beam search follows Hugging Face's `_beam_search` (transfo
 one EOS token) step for step, so `generate(num_beams=B, ...)` with a trie-masking logits processor is an exact
 oracle; what it does differently is only WHERE the work goes:
 
-- the prompt is prefilled ONCE per user (left padding), then the KV cache is expanded to the beams by the same
-  `KVCache.reorder` that follows the beams afterwards (HF prefills B copies of every prompt);
+- the prompt is prefilled ONCE per user (left padding) and its keys/values stay one row per user that all of its
+  beams read (model.KVCache, model.shared_prompt_attention); only the short generated part is reordered and
+  grown each step (HF prefills B copies of every prompt and copies every beam's whole cache every step);
 - every step only the trie-valid continuations are scored: the valid (beam, token) pairs are read off the
   trie's CSR arrays for all beams of all users at once, and the masked log-softmax is a segmented logsumexp
   over those pairs, never an (R, V) mask;
@@ -28,7 +29,6 @@ Log-probabilities: mask_before_softmax=True renormalises over the valid tokens V
 logits, as MSL/BEAR train); False uses the full-vocabulary log-softmax (stock constrained generation).
 All arithmetic is fp32 (logits are upcast), in the same order as HF, so scores agree to float rounding.
 """
-import copy
 import heapq
 import math
 import weakref
@@ -76,13 +76,13 @@ def _left_pad(prompts, pad_id):
 
 
 def _prefill(model, prompts, pad_id):
-    """Run the prompts once; returns (cache with one row per prompt, fp32 next-token logits (U, V), mask)."""
+    """Run the prompts once; returns (cache with one row per prompt, fp32 next-token logits (U, V))."""
     input_ids, prompt_mask = _left_pad(prompts, pad_id)
     cache = KVCache(model.config.num_hidden_layers)
     last = torch.zeros_like(prompt_mask, dtype=torch.bool)
     last[:, -1] = True                                                                  # only the lm_head we need
     logits = model(input_ids, attention_mask=prompt_mask, cache=cache, logits_at=last).float()   # (U, V)
-    return cache, logits, prompt_mask
+    return cache, logits
 
 
 _LEAF_COUNTS = weakref.WeakKeyDictionary()   # trie -> (num_nodes,) leaves per subtree, computed once per trie
@@ -124,17 +124,19 @@ def _children(trie, nodes):
 
 
 def _token_log_probs(logits, row, token, mask_before_softmax):
-    """log p(token | row) for the M valid (row, token) pairs; logits (R, V) fp32.
+    """log p(token | row) for the M valid (row, token) pairs, (M,) fp32 on the CPU; logits (R, V) fp32 on the
+    model's device, where the work is done (the search's bookkeeping, like the trie, stays on the CPU).
 
     Before: log-softmax over the row's valid tokens only (a segmented logsumexp over the M pairs).
     After: the plain full-vocabulary log-softmax, read at the valid pairs."""
+    row, token = row.to(logits.device), token.to(logits.device)
     valid_logit = logits[row, token]                                                    # (M,)
     if not mask_before_softmax:
-        return valid_logit - torch.logsumexp(logits, dim=-1)[row]
+        return (valid_logit - torch.logsumexp(logits, dim=-1)[row]).cpu()
     num_rows = logits.shape[0]
-    row_max = torch.full((num_rows,), -math.inf).scatter_reduce(0, row, valid_logit, "amax")   # (R,)
-    sum_exp = torch.zeros(num_rows).index_add(0, row, torch.exp(valid_logit - row_max[row]))   # (R,)
-    return valid_logit - (row_max + torch.log(sum_exp))[row]
+    row_max = logits.new_full((num_rows,), -math.inf).scatter_reduce(0, row, valid_logit, "amax")   # (R,)
+    sum_exp = logits.new_zeros(num_rows).index_add(0, row, torch.exp(valid_logit - row_max[row]))   # (R,)
+    return (valid_logit - (row_max + torch.log(sum_exp))[row]).cpu()
 
 
 def _rank_per_user(cand_user, cand_score, num_users, k):
@@ -176,7 +178,7 @@ def _step(trie, logits, beams, num_users, beam_width, eos_id, mask_before_softma
                 is_eos=is_eos, running=running, rank=torch.arange(score.shape[1]).expand_as(score))
 
 
-def _advance(model, cache, prompt_mask, user_prompt_row, step, num_generated, row_model, determined_after):
+def _advance(model, cache, step, row_model, determined_after):
     """Follow the surviving candidates (running & kept users): reorder the cache, run one token; returns the fp32
     logits (R_model, V) and each new beam's row in them (R',), -1 for a determined beam.
 
@@ -185,19 +187,17 @@ def _advance(model, cache, prompt_mask, user_prompt_row, step, num_generated, ro
     the softmax, each of them has log p = 0 exactly, so its final score is already known. It keeps its beam slot
     and its place in the lock-step bookkeeping (the HF ranking and stopping rule are unchanged), but leaves the
     model batch and the KV cache for good (its descendants are determined too): on Office, beams on long titles
-    otherwise cost a forward and a cache copy for up to ~200 steps after their outcome is settled."""
+    otherwise cost a forward for up to ~200 steps after their outcome is settled."""
     keep = step["running"]                                                              # (U, 2B) bool
     parent, token, child = step["parent"][keep], step["token"][keep], step["child"][keep]   # (R',) by user
-    row_prompt = user_prompt_row.repeat_interleave(keep.sum(1))                         # (R',) prompt row per beam
     run = ~determined_after[child]                                                      # (R',) still uncertain
     new_row_model = torch.where(run, torch.cumsum(run.long(), 0) - 1, -1)             # (R',)
     # An uncertain beam's parent was uncertain (a subtree's leaves include its children's), so it has a cache row.
+    # The cache moves only the generated steps; each prompt stays one shared row (model.KVCache).
     cache.reorder(row_model[parent[run]])                                               # beams AND batch shrink
     if not bool(run.any()):
         return torch.empty(0, 0), new_row_model          # nothing left to score: no row reads these logits
-    attention_mask = torch.cat([prompt_mask[row_prompt[run]],
-                                torch.ones(int(run.sum()), num_generated, dtype=prompt_mask.dtype)], dim=1)
-    logits = model(token[run][:, None], attention_mask=attention_mask, cache=cache)[:, -1].float()   # (R_model, V)
+    logits = model(token[run][:, None], cache=cache)[:, -1].float()                    # (R_model, V)
     return logits, new_row_model
 
 
@@ -228,7 +228,7 @@ def _determined_nodes(trie, mask_before_softmax):
 def _beam_search_batch(model, prompts, trie, eos_id, pad_id, config):
     width, penalty = config.beam_width, config.length_penalty
     determined = _determined_nodes(trie, config.mask_before_softmax)                   # (num_nodes,) bool
-    cache, logits, prompt_mask = _prefill(model, prompts, pad_id)
+    cache, logits = _prefill(model, prompts, pad_id)
     num_users = len(prompts)
     active = torch.arange(num_users)                                    # (U_a,) prompt row of each active user
     beams = (torch.arange(num_users), torch.zeros(num_users, dtype=torch.long), torch.zeros(num_users),
@@ -265,7 +265,7 @@ def _beam_search_batch(model, prompts, trie, eos_id, pad_id, config):
         keep = step["running"]
         new_user_index = torch.cumsum(~done, 0) - 1                                    # (U_a,)
         row_user = new_user_index.repeat_interleave(keep.sum(1))
-        logits, row_model = _advance(model, cache, prompt_mask, active, step, gen_len, beams[3], determined)
+        logits, row_model = _advance(model, cache, step, beams[3], determined)
         beams = (row_user, step["child"][keep], step["score"][keep], row_model)
         active, finished_score, finished_node = active[~done], finished_score[~done], finished_node[~done]
     return results
@@ -306,7 +306,7 @@ def prefix_thresholds(model, prompts, targets, trie, eos_id, pad_id, config=Beam
 def _thresholds_batch(model, prompts, labels, trie, eos_id, pad_id, config, tau):
     width = config.beam_width
     determined = _determined_nodes(trie, config.mask_before_softmax)   # log p = 0 exactly for any tau > 0
-    cache, logits, prompt_mask = _prefill(model, prompts, pad_id)
+    cache, logits = _prefill(model, prompts, pad_id)
     num_users = len(prompts)
     active = torch.arange(num_users)
     beams = (torch.arange(num_users), torch.zeros(num_users, dtype=torch.long), torch.zeros(num_users),
@@ -335,7 +335,7 @@ def _thresholds_batch(model, prompts, labels, trie, eos_id, pad_id, config, tau)
         step["running"] &= ~done[:, None]
         keep = step["running"]
         row_user = (torch.cumsum(~done, 0) - 1).repeat_interleave(keep.sum(1))
-        logits, row_model = _advance(model, cache, prompt_mask, active, step, gen_len, beams[3], determined)
+        logits, row_model = _advance(model, cache, step, beams[3], determined)
         beams = (row_user, step["child"][keep], step["score"][keep], row_model)
         active = active[~done]
 
@@ -349,7 +349,7 @@ def exact_topk(model, prompts, trie, k, eos_id, pad_id, config=BeamConfig(), exp
     Best-first search over the trie keyed by prefix log-prob: admissible, since extending a prefix can only
     lower it, so once k items are found and the best unexpanded prefix scores no higher than the k-th, nothing
     better is left. Each round expands up to `expand_width` best prefixes per user in one batched forward that
-    reuses the prompt's KV cache (a copy is expanded to the rows and the prefix tokens are run on top). With
+    reuses the prompt's KV cache (the rows share it; the prefix tokens are run on top). With
     masking before the softmax a prefix with a single valid next token passes its score on unchanged
     (probability 1), so such chains cost no forward at all."""
     _check_config(config)
@@ -364,7 +364,7 @@ def exact_topk(model, prompts, trie, k, eos_id, pad_id, config=BeamConfig(), exp
 
 
 def _exact_topk_batch(model, prompts, trie, k, eos_id, pad_id, mask_before_softmax, expand_width):
-    prompt_cache, logits, prompt_mask = _prefill(model, prompts, pad_id)
+    prompt_cache, logits = _prefill(model, prompts, pad_id)
     num_users = len(prompts)
     frontier = [[] for _ in prompts]      # max-heaps (by -log P) of (-log P, serial, node, prefix tokens)
     found = [[] for _ in prompts]         # min-heaps of the k best finished (log P, serial, leaf node)
@@ -406,7 +406,7 @@ def _exact_topk_batch(model, prompts, trie, k, eos_id, pad_id, mask_before_softm
                 taken += 1
         if not users:
             break
-        # Run every prefix on top of a copy of its user's prompt cache; right padding inside the new tokens is
+        # Run every prefix on top of its user's prompt cache; right padding inside the new tokens is
         # harmless (causal attention), and logits are read at each prefix's last token.
         depth = max(len(p) for p in prefixes)
         input_ids = torch.full((len(users), depth), pad_id, dtype=torch.long)          # (R, D)
@@ -415,9 +415,8 @@ def _exact_topk_batch(model, prompts, trie, k, eos_id, pad_id, mask_before_softm
         lengths = torch.tensor([len(p) for p in prefixes])                              # (R,)
         new_mask = (torch.arange(depth)[None, :] < lengths[:, None]).long()             # (R, D)
         read_at = torch.arange(depth)[None, :] == (lengths - 1)[:, None]                # (R, D) bool
-        cache = copy.deepcopy(prompt_cache)
-        cache.reorder(torch.tensor(users))
-        attention_mask = torch.cat([prompt_mask[users], new_mask], dim=1)              # (R, P + D)
+        cache = prompt_cache.select(torch.tensor(users))                               # shares the prompt part
+        attention_mask = torch.cat([cache.cached_mask().cpu(), new_mask], dim=1)       # (R, P + D)
         logits = model(input_ids, attention_mask=attention_mask, cache=cache, logits_at=read_at).float()  # (R, V)
         expand(users, nodes, scores, prefixes, logits)
     return [[(trie.leaf_items[node], score) for score, _, node in sorted(heap, reverse=True)] for heap in found]
@@ -467,7 +466,7 @@ def violates_necessary_condition(model, prompt, target, trie, config=BeamConfig(
     input_ids = torch.tensor([list(prompt) + list(tokens)])                             # (1, P + L)
     read_at = torch.zeros_like(input_ids, dtype=torch.bool)
     read_at[0, len(prompt) - 1:-1] = True                                              # logits predicting tokens
-    logits = model(input_ids, logits_at=read_at).float()                                # (L, V)
+    logits = model(input_ids, logits_at=read_at).float().cpu()                          # (L, V)
     row, token, _ = _children(trie, nodes)
     kth, _ = _rank_per_user(row, logits[row, token], len(tokens), config.beam_width)   # (L, <=B) best first
     beta = torch.where(kth > -math.inf, kth, math.inf).min(1).values                    # B-th or smallest valid

@@ -10,7 +10,6 @@
     python bench/bench_beam.py --users 16 --max-history 10
 """
 import argparse
-import copy
 import math
 import sys
 import time
@@ -30,9 +29,9 @@ import model as llama  # noqa: E402
 
 @torch.no_grad()
 def exhaustive_scores(model, prompt, trie, pad_id, chunk, max_chunks):
-    """Total masked log-prob of every distinct title, teacher-forced in chunks on a copy of the prompt cache.
+    """Total masked log-prob of every distinct title, teacher-forced in chunks on the prompt cache.
     Returns (scores of the chunks done, number of chunks done, number of chunks in all)."""
-    cache, logits, prompt_mask = beam._prefill(model, [prompt], pad_id)
+    cache, logits = beam._prefill(model, [prompt], pad_id)
     titles = sorted(set(trie.item_tokens.values()))
     chunks = [titles[i:i + chunk] for i in range(0, len(titles), chunk)]
     scores = {}
@@ -43,9 +42,8 @@ def exhaustive_scores(model, prompt, trie, pad_id, chunk, max_chunks):
             ids[r, :len(s)] = torch.tensor(s)
         lengths = torch.tensor([len(s) for s in seqs])
         new_mask = (torch.arange(depth)[None] < lengths[:, None]).long()
-        rows = copy.deepcopy(cache)
-        rows.reorder(torch.zeros(len(seqs), dtype=torch.long))
-        out = model(ids[:, :-1], attention_mask=torch.cat([prompt_mask.expand(len(seqs), -1), new_mask[:, :-1]], 1),
+        rows = cache.select(torch.zeros(len(seqs), dtype=torch.long))                 # n rows on one prompt
+        out = model(ids[:, :-1], attention_mask=torch.cat([rows.cached_mask(), new_mask[:, :-1]], 1),
                     cache=rows).float()                                                  # (n, depth - 1, V)
         out = torch.cat([logits.expand(len(seqs), -1)[:, None], out], 1)             # (n, depth, V)
         for r, s in enumerate(seqs):

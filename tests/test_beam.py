@@ -217,7 +217,8 @@ class FixedProbabilities(torch.nn.Module):
         self.table = table  # (V, V) logits
 
     def forward(self, input_ids, attention_mask=None, cache=None, logits_at=None):
-        if cache is not None:
+        if cache is not None:  # what model.LlamaForCausalLM does with a cache, with dummy keys and values
+            cache.add_positions(torch.ones(input_ids.shape, dtype=torch.bool))
             dummy = torch.zeros(input_ids.shape[0], 1, input_ids.shape[1], 1)
             cache.append(0, dummy, dummy)
         logits = self.table[input_ids]  # (B, T, V)

@@ -231,6 +231,44 @@ def test_kv_cache_reorder_expands_prompts_and_follows_beams(tiny):
             assert (got - expected).abs().max() <= 1e-5
 
 
+def test_kv_cache_rows_in_any_order_share_their_prompt(tiny):
+    """Rows of different prompts interleaved and in uneven numbers, a prompt no row continues any more (the
+    cache drops it), a multi-token step with padding inside it, and select() leaving the original cache alone:
+    every row's logits equal transformers' on the row's full token sequence."""
+    _, _, oracle, ours = tiny
+    prompts, prompt_mask = left_padded_batch([7, 4, 9], 9, seed=8)       # U = 3 prompts, P = 9
+    g = torch.Generator().manual_seed(9)
+    cache = M.KVCache(len(ours.model.layers))
+    with torch.no_grad():
+        ours(prompts, attention_mask=prompt_mask, cache=cache)
+        rows = torch.tensor([2, 1, 2, 2, 1])                              # prompt 0 dropped, unsorted, 3 + 2 rows
+        cache.reorder(rows)
+        assert cache.prompt_mask.shape[0] == 2                             # only prompts 1 and 2 are kept
+        seqs, mask = prompts[rows], prompt_mask[rows]
+        for step in range(3):
+            new = torch.randint(3, VOCAB, (seqs.shape[0], 1), generator=g)
+            got = ours(new, cache=cache)[:, -1]
+            seqs, mask = torch.cat([seqs, new], 1), torch.cat([mask, torch.ones_like(new)], 1)
+            assert (got - hf_logits(oracle, seqs, mask)[:, -1]).abs().max() <= 1e-5
+            if step == 1:
+                permutation = torch.tensor([4, 4, 1, 0])                   # duplicates, drops rows 2 and 3
+                cache.reorder(permutation)
+                seqs, mask = seqs[permutation], mask[permutation]
+        # Three tokens at once, the last one padding in row 0 (right padding, as exact_topk runs prefixes).
+        branch = cache.select(torch.tensor([0, 2]))
+        new = torch.randint(3, VOCAB, (2, 3), generator=g)
+        new_mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+        got = ours(new, attention_mask=torch.cat([branch.cached_mask(), new_mask], 1), cache=branch)
+        expected = hf_logits(oracle, torch.cat([seqs[[0, 2]], new], 1), torch.cat([mask[[0, 2]], new_mask], 1))
+        real = new_mask.bool()
+        assert (got[real] - expected[:, -3:][real]).abs().max() <= 1e-5
+        # The original cache still continues its own four rows.
+        new = torch.randint(3, VOCAB, (4, 1), generator=g)
+        got = ours(new, cache=cache)[:, -1]
+        seqs, mask = torch.cat([seqs, new], 1), torch.cat([mask, torch.ones_like(new)], 1)
+        assert (got - hf_logits(oracle, seqs, mask)[:, -1]).abs().max() <= 1e-5
+
+
 def test_gradients_match_transformers(tiny):
     """Autograd through the model (what training and LoRA rely on) gives transformers' gradients."""
     _, _, oracle, ours = tiny
@@ -445,5 +483,12 @@ def test_forward_argument_checks(checkpoint):
         ours(ids, attention_mask=torch.ones(2, 4))
     with pytest.raises(ValueError, match="logits_at must be a bool tensor"):
         ours(ids, logits_at=torch.ones(2, 5))
+    cache = M.KVCache(len(ours.model.layers))
+    with torch.no_grad():
+        ours(ids, attention_mask=torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]), cache=cache)
+    with pytest.raises(ValueError, match="input_ids has 3 rows but the cache holds 2"):
+        ours(torch.ones(3, 1, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="attention_mask disagrees with the padding of the cached positions"):
+        ours(torch.ones(2, 1, dtype=torch.long), attention_mask=torch.ones(2, 6), cache=cache)
     with torch.no_grad():
         assert math.isfinite(float(ours(ids).sum()))
