@@ -164,7 +164,7 @@ class KVCache:
 
     Why two parts: beam search decodes ~20-token titles after ~500-token prompts with B = 10 beams per prompt.
     transformers' layout (a full copy per beam, concatenated and reordered every step, key/value heads repeated
-    for GQA every step) moves B x 500 positions per layer per step, ~90% of our CPU decode time before this
+    for GQA every step) moves B x 500 positions per layer per step, most of our CPU decode time before this
     design. Here `reorder` and `append` move only the short generated part, and attention reads each prompt
     once for all of its beams (`shared_prompt_attention`)."""
 
@@ -397,7 +397,10 @@ class LlamaForCausalLM(nn.Module):
 
         # Which new positions are real, and position ids: like HF generate, a token's position is the number of
         # real tokens before it (left padding shifts rows).
-        new_mask = torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None else attention_mask[:, P:]
+        if attention_mask is None:
+            new_mask = torch.ones(B, T, dtype=torch.bool, device=device)                   # (B, T)
+        else:
+            new_mask = attention_mask[:, P:]
         real_before = cache.real_lengths()[:, None] if P > 0 else 0
         positions = (real_before + new_mask.long().cumsum(-1) - 1).masked_fill(~new_mask, 1)  # (B, T)
 

@@ -13,7 +13,6 @@ Timings are medians over --repeats steps after one warm-up step. Ratios, not abs
 result: the absolute ones depend on the machine and on what else runs on it.
 """
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,25 +23,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import data  # noqa: E402
+from bench_model import interleaved_medians  # noqa: E402  (this folder is on sys.path when run as a script)
 import train  # noqa: E402
 from eval import Distributed, evaluate  # noqa: E402
 from beam import BeamConfig  # noqa: E402
 from lora import apply_lora  # noqa: E402
 from model import load_model, load_tokenizer  # noqa: E402
-
-
-def interleaved_medians(steps: dict, repeats: int) -> dict:
-    """Median seconds per step of each callable. One warm-up each, then the steps take turns (round robin),
-    so that a change in machine load during the run hits every contender alike."""
-    for step in steps.values():
-        step()
-    times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def our_step(model, optimizer, batch, micro, trie, config, tokenizer):
