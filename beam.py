@@ -225,10 +225,10 @@ def _determined_nodes(trie, mask_before_softmax):
     return _leaf_counts(trie) == 1
 
 
-def _beam_search_batch(model, prompts, trie, eos_id, pad_id, config):
+def _beam_search_batch(model, prompts, trie, eos_id, pad_id, config, prefilled=None):
     width, penalty = config.beam_width, config.length_penalty
     determined = _determined_nodes(trie, config.mask_before_softmax)                   # (num_nodes,) bool
-    cache, logits = _prefill(model, prompts, pad_id)
+    cache, logits = prefilled or _prefill(model, prompts, pad_id)
     num_users = len(prompts)
     active = torch.arange(num_users)                                    # (U_a,) prompt row of each active user
     beams = (torch.arange(num_users), torch.zeros(num_users, dtype=torch.long), torch.zeros(num_users),
@@ -269,6 +269,66 @@ def _beam_search_batch(model, prompts, trie, eos_id, pad_id, config):
         beams = (row_user, step["child"][keep], step["score"][keep], row_model)
         active, finished_score, finished_node = active[~done], finished_score[~done], finished_node[~done]
     return results
+
+
+# ------------------------------------------------------------------------------------ search + teacher forcing
+@torch.no_grad()
+def search_and_teacher_force(model, prompts, targets, trie, eos_id, pad_id, config=BeamConfig(), progress=None):
+    """The beam search of `beam_search` and, on the same prefill, the target read under teacher forcing.
+
+    Returns (results, forced): results as `beam_search`; forced[i] = (ranks, valid, log_probs), lists over the
+    target's tokens t of rank_t = how many valid next tokens score strictly above y_t (the necessary condition
+    p_t >= beta_t holds iff rank_t < B), |V_t|, and log p_t as the search scores it (config.mask_before_softmax),
+    so sum(log_probs) is the target's total log-prob log P(y|x). `progress(done)` is called after each batch."""
+    _check_config(config)
+    _check_trie(trie)
+    results, forced = [], []
+    for start in range(0, len(prompts), config.batch_size):
+        batch = prompts[start:start + config.batch_size]
+        cache, logits = _prefill(model, batch, pad_id)
+        forced.extend(_teacher_force(model, cache, logits, targets[start:start + len(batch)], trie, pad_id,
+                                     config.mask_before_softmax))
+        results.extend(_beam_search_batch(model, batch, trie, eos_id, pad_id, config, prefilled=(cache, logits)))
+        if progress is not None:
+            progress(start + len(batch))
+    return results, forced
+
+
+def _teacher_force(model, cache, first_logits, targets, trie, pad_id, mask_before_softmax):
+    """Run each target's tokens on its prompt's cached prefill (a `select`ed copy: `cache` stays as it is)."""
+    tokens = [list(trie.item_tokens[target]) for target in targets]
+    lengths = torch.tensor([len(t) for t in tokens])                                   # (U,)
+    depth = int(lengths.max()) - 1                                                      # tokens fed after the prompt
+    logits = first_logits                                                               # (U, V) predict token 0
+    if depth > 0:
+        input_ids = torch.full((len(tokens), depth), pad_id, dtype=torch.long)          # (U, D) right-padded
+        for r, t in enumerate(tokens):
+            input_ids[r, :len(t) - 1] = torch.tensor(t[:-1])
+        fed = torch.arange(depth)[None, :] < (lengths - 1)[:, None]                     # (U, D) bool
+        rows = cache.select(torch.arange(len(tokens)))
+        attention_mask = torch.cat([rows.cached_mask().cpu(), fed.long()], dim=1)     # (U, P + D)
+        later = model(input_ids, attention_mask=attention_mask, cache=rows, logits_at=fed).float()  # (sum L-1, V)
+        logits = torch.cat([first_logits, later.to(first_logits.device)])
+    # Row of `logits` predicting token j of example r: r for j = 0, else U + (r's offset in `later`) + j - 1.
+    offset = torch.cumsum(lengths - 1, 0) - (lengths - 1)                               # (U,)
+    order = torch.cat([torch.tensor([r] + [len(tokens) + int(offset[r]) + j - 1 for j in range(1, len(t))])
+                       for r, t in enumerate(tokens)])                                  # (N,)
+    labels = torch.tensor([token for t in tokens for token in t])                       # (N,)
+    nodes = torch.cat([trie.item_path(target) for target in targets]).long()            # (N,) node before each
+    logits = logits[order.to(logits.device)]                                            # (N, V)
+    row, token, _ = _children(trie, nodes)                                              # (M,) valid pairs
+    valid_logit = logits[row, token].cpu()                                              # (M,)
+    label_logit = logits[torch.arange(len(labels)), labels.to(logits.device)].cpu()    # (N,)
+    ranks = torch.zeros(len(labels), dtype=torch.long).index_add_(0, row, (valid_logit > label_logit[row]).long())
+    valid = torch.bincount(row, minlength=len(labels))                                 # (N,)
+    log_p = _token_log_probs(logits, row, token, mask_before_softmax)                   # (M,)
+    label_log_p = torch.zeros(len(labels)).index_add_(0, row[token == labels[row]], log_p[token == labels[row]])
+    forced, first = [], 0
+    for t in tokens:
+        span = slice(first, first + len(t))
+        forced.append((ranks[span].tolist(), valid[span].tolist(), label_log_p[span].tolist()))
+        first += len(t)
+    return forced
 
 
 # ------------------------------------------------------------------------------------------------ Obj 3.1

@@ -83,6 +83,36 @@ def shard_bounds(count: int, rank: int, world: int) -> tuple[int, int]:
     return start, start + base + (rank < extra)
 
 
+class Progress:
+    """A progress line for a long pass: `what: done/total (rate/s, ~time left)`. On a terminal it is redrawn in
+    place; into a log file (stdout not a terminal) it is one line every `every` seconds, so the log stays
+    readable. Silent on ranks other than 0."""
+
+    def __init__(self, what: str, total: int, unit: str = "windows", every: float = 30.0, rank: int = 0):
+        self.what, self.total, self.unit, self.rank = what, total, unit, rank
+        self.tty = sys.stdout.isatty()
+        self.every = 1.0 if self.tty else every
+        self.start = self.last = time.time()
+
+    def __call__(self, done: int) -> None:
+        now = time.time()
+        if self.rank != 0 or (now - self.last < self.every and done < self.total):
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        left = (self.total - done) / rate if rate > 0 else 0.0
+        line = (f"{self.what}: {done}/{self.total} {self.unit} | {rate:.2f} {self.unit}/s | "
+                f"~{format_seconds(left)} left")
+        end = "\n" if not self.tty or done >= self.total else ""
+        print(("\r" if self.tty else "") + line, end=end, flush=True)
+
+
+def format_seconds(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
 def write_json_atomic(path, obj) -> None:
     tmp = Path(str(path) + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")

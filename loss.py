@@ -12,7 +12,7 @@ loss on these logits pays.
 
 Which probabilities. In `msl`, `bear` and `obj31`, p_t is the probability under the distribution the base loss
 trains: with base="msl" the softmax over the valid tokens V_t at temperature tau (the "masked probabilities"
-of the authors' code, which also samples at tau at inference), with base="sft" the full-vocabulary softmax.
+of the authors' code; their inference.py searches at temperature 1), with base="sft" the full-vocabulary softmax.
 At tau = 1 (the default and the paper's setting) this is exactly the model's next-token probability that the
 constrained beam search ranks by (mask before / after the softmax respectively). The choice is what makes
 BEAR's gradient EXACTLY the authors' re-weighted cross-entropy (see `bear` and `bear_authors_reweighted`).
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 BASES = ("msl", "sft")
+SURROGATES = ("paper", "violators")  # eq. 3.4's log sigmoid(Delta / xi), or our ablation -log sigmoid(-Delta / xi)
 
 
 # ---------------------------------------------------------------------------------------------- input checks
@@ -161,7 +162,8 @@ def lam_from_topk_weight(topk_weight, xi):
     return topk_weight * xi
 
 
-def bear(logits, labels, valid_row, valid_token, beam_width=10, lam=0.6875, xi=2.75, tau=1.0, base="msl"):
+def bear(logits, labels, valid_row, valid_token, beam_width=10, lam=0.6875, xi=2.75, tau=1.0, base="msl",
+         surrogate="paper"):
     """BEAR, eq. 3.5: L_base + lam * log sigmoid((log beta_t - log p_t) / xi) per label position (eq. 3.4).
 
     beta_t = the beam_width-th largest next-token probability among the valid tokens V_t, detached; with fewer
@@ -176,11 +178,30 @@ def bear(logits, labels, valid_row, valid_token, beam_width=10, lam=0.6875, xi=2
     and all the others', through the normaliser), w_t * grad(L_base) with the detached weight w_t = 1 + lam' * sigmoid((log p_t - log beta_t) / xi),
     i.e. the gradient of the authors' re-weighted cross-entropy (`bear_authors_reweighted`). The loss VALUES
     differ. Positions where beta_t = p_t (e.g. a single valid token) add the constant lam * log(1/2), no
-    gradient. Returns (N,) fp32."""
+    gradient.
+
+    surrogate="violators" is OUR ablation, not the paper's method: lam * -log sigmoid(-(log beta_t - log p_t)/xi),
+    whose gradient weight lam' * sigmoid((log beta_t - log p_t)/xi) is largest for the tokens that violate the
+    necessary condition most, where eq. 3.4's vanishes for them. Returns (N,) fp32."""
     _check_inputs(logits, labels, valid_row, valid_token)
     _check_hyper(beam_width, lam, xi, tau, base)
+    if surrogate not in SURROGATES:
+        raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
     base_loss, log_ratio = _base_and_log_ratio(logits, labels, valid_row, valid_token, beam_width, tau, base)
+    if surrogate == "violators":
+        return base_loss - lam * F.logsigmoid(-log_ratio / xi)
     return base_loss + lam * F.logsigmoid(log_ratio / xi)
+
+
+@torch.no_grad()
+def bear_token_weights(logits, labels, valid_row, valid_token, beam_width=10, lam=0.6875, xi=2.75, tau=1.0,
+                       base="msl", surrogate="paper"):
+    """The detached per-token weight w_t with grad(bear) = w_t * grad(L_base) at each position (see `bear`):
+    1 + lam' * sigmoid((log p_t - log beta_t)/xi) for eq. 3.4, 1 + lam' * sigmoid((log beta_t - log p_t)/xi) for
+    the "violators" ablation; lam' = lam / xi. The authors' normalisation divides by their sum. Returns (N,)."""
+    _, log_ratio = _base_and_log_ratio(logits, labels, valid_row, valid_token, beam_width, tau, base)
+    sign = 1.0 if surrogate == "violators" else -1.0
+    return 1.0 + (lam / xi) * torch.sigmoid(sign * log_ratio / xi)
 
 
 def bear_authors_reweighted(logits, labels, valid_row, valid_token, beam_width=10, topk_weight=0.25, xi=2.75,

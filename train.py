@@ -40,8 +40,8 @@ import torch
 import data
 import loss as losses
 from beam import BeamConfig, prefix_thresholds
-from eval import (DTYPES, Distributed, all_reduce_sum, build_parser, cli_main, evaluate, init_distributed,
-                  shard_bounds, write_json_atomic)
+from eval import (DTYPES, Distributed, all_reduce_sum, build_parser, cli_main, evaluate, format_seconds,
+                  init_distributed, shard_bounds, write_json_atomic)
 from lora import LoraConfig, apply_lora, load_adapter, save_adapter
 from model import load_model, load_tokenizer
 
@@ -71,11 +71,22 @@ class TrainConfig:
     lora_targets: str = field(default="q_proj,v_proj", metadata={"help": "comma-separated module names"})
     beam_width: int = field(default=10, metadata={"help": "B: BEAR's beta_t rank, Obj 3.1's and the "
                                                           "validation search's beam width"})
-    lam: float = field(default=0.6875, metadata={"help": "lambda of eq. 3.5 (paper units). The authors' "
-                                                         "`topk_weight` lambda' maps to lam = lambda' * xi "
-                                                         "(their Toy default 0.25 -> 0.6875)"})
+    lam: float = field(default=0.6875, metadata={"help": "lambda of eq. 3.5. The authors' `topk_weight` "
+                                                         "lambda' (which their README, and most likely the "
+                                                         "paper's lambda range [0.1, 5.0], call lambda) maps to "
+                                                         "lam = lambda' * xi (their Toy default 0.25 -> 0.6875)"})
     xi: float = field(default=2.75, metadata={"help": "xi, the sigmoid temperature of eq. 3.4 / 3.1"})
     tau: float = field(default=1.0, metadata={"help": "softmax temperature of MSL (and BEAR's MSL base)"})
+    surrogate: str = field(default="paper", metadata={"help": "BEAR's regulariser: paper (eq. 3.4), or "
+                                                              "violators (OUR ablation, -log sigmoid(-Delta/xi): "
+                                                              "pushes the violating tokens hardest)",
+                                                      "choices": losses.SURROGATES})
+    normalize: str = field(default="tokens", metadata={"help": "tokens: divide the summed loss by the global "
+                                                               "batch's label-token count; authors (BEAR only): "
+                                                               "their per-micro-batch sum(w_t CE_t) / sum(w_t) "
+                                                               "over positions with > 1 valid token, averaged "
+                                                               "over the micro-batches",
+                                                       "choices": ("tokens", "authors")})
     base: str = field(default="msl", metadata={"help": "base loss under BEAR / Obj 3.1: msl (the authors' code; "
                                                        "masked probabilities) or sft (full-vocabulary)",
                                                "choices": ("msl", "sft")})
@@ -131,6 +142,8 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError(f"--lr, --xi and --tau must be > 0, got {config.lr}, {config.xi}, {config.tau}")
     if config.base == "sft" and config.tau != 1.0:
         raise ValueError(f"--tau {config.tau} applies only to the MSL base (--base msl)")
+    if config.loss != "bear" and (config.surrogate != "paper" or config.normalize != "tokens"):
+        raise ValueError(f"--surrogate and --normalize apply only to --loss bear, got --loss {config.loss}")
     if config.resume and config.overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
     lora_config(config)  # validates r, alpha, dropout and the target names
@@ -250,9 +263,12 @@ def reseed_dropout(seed: int, step: int, rank: int) -> None:
 # One micro-batch's per-position losses (SPEC §3)
 # ---------------------------------------------------------------------------------------------------------
 
-def label_position_losses(model, batch: dict, micro: list, trie, config: TrainConfig, tokenizer) -> torch.Tensor:
+def label_position_losses(model, batch: dict, micro: list, trie, config: TrainConfig, tokenizer,
+                          weight_sums: list | None = None) -> torch.Tensor:
     """Per-label-position losses (N,) fp32 of one micro-batch (the caller sums them and divides by the global
-    label-token count). `micro` holds the batch's data.EncodedExample (Obj 3.1 needs the prompts)."""
+    label-token count). `micro` holds the batch's data.EncodedExample (Obj 3.1 needs the prompts). With
+    `weight_sums` (--normalize authors), BEAR's detached weights summed over the positions with more than one
+    valid token are appended to it: the authors' per-batch denominator."""
     device = batch["input_ids"].device
     logits = model(batch["input_ids"], logits_at=batch["label_mask"])  # (N, V) model dtype; upcast in the loss
     labels = batch["labels"]  # (N,)
@@ -263,8 +279,13 @@ def label_position_losses(model, batch: dict, micro: list, trie, config: TrainCo
     if config.loss == "msl":
         return losses.msl(logits, labels, valid_row, valid_token, tau=config.tau)
     if config.loss == "bear":  # eq. 3.5; MSL as the base by default, as in the authors' code
-        return losses.bear(logits, labels, valid_row, valid_token, beam_width=config.beam_width, lam=config.lam,
-                           xi=config.xi, tau=config.tau, base=config.base)
+        hyper = dict(beam_width=config.beam_width, lam=config.lam, xi=config.xi, tau=config.tau, base=config.base,
+                     surrogate=config.surrogate)
+        if weight_sums is not None:
+            weights = losses.bear_token_weights(logits, labels, valid_row, valid_token, **hyper)  # (N,) detached
+            several_valid = torch.bincount(valid_row, minlength=labels.numel()) > 1            # (N,)
+            weight_sums.append(float(weights[several_valid].sum()))
+        return losses.bear(logits, labels, valid_row, valid_token, **hyper)
     # Obj 3.1 (eq. 3.1): thresholds from a simulated constrained beam search under the current parameters (no
     # grad, dropout off), scored as the base loss trains: masked before the softmax at temperature tau for MSL,
     # full-vocabulary log-probs for SFT.
@@ -372,6 +393,10 @@ def train(config: TrainConfig, given: set[str], dist: Distributed) -> dict:
         start, stop = shard_bounds(len(global_batch), dist.rank, dist.world)
         my_batch = global_batch[start:stop]  # this rank's share; ranks may differ by one window (or hold none)
 
+        # --normalize authors: each micro-batch's loss is its own weighted mean, averaged over every rank's
+        # micro-batches of this global batch (their Trainer's gradient accumulation and DDP's averaging).
+        global_micro_batches = sum(math.ceil(len(range(*shard_bounds(len(global_batch), r, dist.world)))
+                                             / config.micro_batch) for r in range(dist.world))
         step_start = time.time()
         reseed_dropout(config.seed, step, dist.rank)
         loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
@@ -383,10 +408,13 @@ def train(config: TrainConfig, given: set[str], dist: Distributed) -> dict:
             micro = [encoded[i] for i in indices]
             batch = data.collate_train(micro, tokenizer.pad_id)
             batch = {k: v.to(dist.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            per_position = label_position_losses(model, batch, micro, trie, config, tokenizer)  # (n,) fp32
+            weight_sums = [] if config.normalize == "authors" else None
+            per_position = label_position_losses(model, batch, micro, trie, config, tokenizer, weight_sums)  # (n,)
             # Divide by the GLOBAL label count: summed over micro-batches and ranks this is the batch mean.
-            (per_position.sum() / global_label_tokens).backward()
-            loss_sum += per_position.detach().sum().double()
+            divisor = global_label_tokens if weight_sums is None else \
+                (weight_sums[0] + 1e-8) * global_micro_batches  # the authors' 1e-8
+            (per_position.sum() / divisor).backward()
+            loss_sum += per_position.detach().sum().double() * (global_label_tokens / divisor)
 
         # Sum gradients (and the loss) over ranks: one all-reduce of the flattened LoRA gradients.
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
@@ -446,12 +474,6 @@ def train(config: TrainConfig, given: set[str], dist: Distributed) -> dict:
         print(f"done: best valid NDCG@10 {state['best_metric']:.4f} at step {state['best_step']} "
               f"({out / manifest['best']})", flush=True)
     return state
-
-
-def format_seconds(seconds: float) -> str:
-    minutes, seconds = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
 def main(argv=None) -> int:

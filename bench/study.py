@@ -1,0 +1,517 @@
+"""The reproduction study: do the paper's claims hold in this code? (SPEC §8; paper Fig. 4/6, Tables 2 and 5)
+
+    python bench/study.py --preset cpu            # run every unit not yet done (resumable), then the report
+    python bench/study.py --preset cpu --report   # recompute every number from results/cpu/ alone (no model)
+
+The protocol, in the order `run_study` executes it (every step a UNIT, skipped when its result exists):
+
+ 1. popularity   the B most frequent training targets, for every test user (a floor any model must beat)
+ 2. msl-lr*      MSL at each learning rate of the preset; each run keeps its best epoch on VALIDATION
+                 (train.py's checkpoint), so the grid chooses the learning rate and the number of steps
+ 3. bear-*       BEAR at the chosen lr over a small (lambda', xi) grid, chosen on validation NDCG@10
+ 4. sft-*        SFT at the chosen lr
+ 5. test/*       each chosen model on the test split: the constrained beam search (B = 10, mask before the
+                 softmax, length penalty 0), the target under teacher forcing on the same prefill (every
+                 token's rank among its valid tokens: the necessary condition, Fig. 4), and for the targets that
+                 could be in the exact top-K the exact best-first top-K search (PR@K, Fig. 6)
+ 6. obj31, bear with the authors' normalisation, bear with the "violators" surrogate (our ablation): trained
+    at the chosen lr and BEAR's chosen (lambda', xi), then tested the same way
+
+Never is anything selected on test. A unit writes its folder under --results atomically (as NAME.tmp, then
+renamed), so rerunning skips finished units, and an interrupted training resumes from its last checkpoint in
+--work (train.py --resume); an interrupted test evaluation resumes from its partial examples file. The
+report (`--report`) reads only the results folder: per-example records, training logs, configs.
+
+Paired bootstrap CIs resample test examples (seeded); PR@K is a ratio, recomputed on every resample.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+CUTOFFS = (5, 10)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything that sizes the study. A preset is data: `cpu` and `paper` run the same code."""
+    dataset: str
+    model: str
+    data_dir: str
+    train_samples: int
+    epochs: int
+    global_batch: int
+    micro_batch: int
+    warmup_steps: int
+    lr_grid: tuple            # MSL learning rates; the best on validation is shared by every loss
+    bear_grid: tuple          # (lambda', xi) pairs: lambda' is the authors' topk_weight, our --lam = lambda' * xi
+    valid_limit: int          # validation windows per epoch (0 = all)
+    test_limit: int           # test windows (0 = all)
+    beam_width: int = 10
+    eval_batch: int = 16      # users per search pass
+    save_every: int = 8       # checkpoint every N steps, so a kill loses at most N steps
+    nproc: int = 1            # training processes (torchrun when > 1)
+    dtype: str = "bf16"
+    seed: int = 42
+    bootstrap: int = 2000     # paired bootstrap resamples
+    chunk: int = 64           # test windows between two appends to the partial examples file
+
+
+PRESETS = {
+    # This 2-core CPU: SmolLM2-135M-Instruct on Office. A training unit is 64 steps of 16 windows (2 epochs of
+    # 512 windows, ~25 min), a test unit the 1,925 test windows (~25 min): about 8 hours in all.
+    "cpu": Preset(dataset="office",
+                  model=os.path.expanduser(os.environ.get("BEAR_SMOLLM2", "~/.cache/bear-tests/smollm2")),
+                  data_dir=str(REPO.parent / "shared" / "data" / "amazon"), train_samples=512, epochs=2,
+                  global_batch=16, micro_batch=8, warmup_steps=2, lr_grid=(5e-4, 1e-3, 2e-3),
+                  bear_grid=((0.25, 2.75), (1.0, 1.0), (3.0, 0.5)), valid_limit=200, test_limit=0),
+    # SPEC §7 on 8 GPUs: Llama-3.2-3B, 10k windows, 10 epochs, global batch 128, lr 1e-4.
+    "paper": Preset(dataset="office", model="meta-llama/Llama-3.2-3B",
+                    data_dir=str(REPO.parent / "shared" / "data" / "amazon"), train_samples=10000, epochs=10,
+                    global_batch=128, micro_batch=8, warmup_steps=20, lr_grid=(1e-4,),
+                    bear_grid=((0.25, 2.75), (1.0, 1.0), (3.0, 0.5)), valid_limit=0, test_limit=0,
+                    save_every=20, nproc=8),
+}
+
+
+class StudyError(RuntimeError):
+    """A unit failed (its train.py exited non-zero, a result file is missing): one line, exit 2."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The protocol
+# ---------------------------------------------------------------------------------------------------------
+
+def run_study(preset: Preset, results: Path, work: Path) -> None:
+    started = time.time()
+    write_json(results / "preset.json", dataclasses.asdict(preset))
+    popularity_unit(preset, results)
+
+    msl_runs = [train_unit(preset, results, work, f"msl-lr{lr:g}", loss="msl", lr=lr) for lr in preset.lr_grid]
+    msl = select(msl_runs)
+    drop_adapters(msl_runs, msl)
+    lr = msl["config"]["lr"]
+    bear_runs = [train_unit(preset, results, work, f"bear-lr{lr:g}-tw{tw:g}-xi{xi:g}", loss="bear", lr=lr,
+                            lam=tw * xi, xi=xi) for tw, xi in preset.bear_grid]
+    bear = select(bear_runs)
+    drop_adapters(bear_runs, bear)
+    lam, xi = bear["config"]["lam"], bear["config"]["xi"]
+    tw = round(lam / xi, 6)  # lambda', the authors' topk_weight
+    sft = train_unit(preset, results, work, f"sft-lr{lr:g}", loss="sft", lr=lr)
+    write_json(results / "selection.json", {"msl": msl["name"], "bear": bear["name"], "lr": lr,
+                                            "topk_weight": tw, "xi": xi, "lam": lam})
+
+    for arm, run in (("base", None), ("sft", sft), ("msl", msl), ("bear", bear)):
+        evaluate_unit(preset, results, work, arm, run)
+    for arm, name, flags in (("obj31", f"obj31-lr{lr:g}-tw{tw:g}-xi{xi:g}", dict(loss="obj31")),
+                             ("bear-authors-norm", f"bearnorm-lr{lr:g}-tw{tw:g}-xi{xi:g}",
+                              dict(loss="bear", normalize="authors")),
+                             ("bear-violators", f"bearviol-lr{lr:g}-tw{tw:g}-xi{xi:g}",
+                              dict(loss="bear", surrogate="violators"))):
+        run = train_unit(preset, results, work, name, lr=lr, lam=lam, xi=xi, **flags)
+        evaluate_unit(preset, results, work, arm, run)
+    print(f"study: every unit done ({time.time() - started:.0f} s this invocation)", flush=True)
+
+
+def select(runs: list[dict]) -> dict:
+    """The run with the best validation NDCG@10 (its best epoch), then HR@10; ties go to the earlier grid point.
+    Only validation numbers enter: the test split is never looked at before every choice is made."""
+    return max(runs, key=lambda run: (run["best_valid"]["ndcg@10"], run["best_valid"]["hr@10"]))  # first max
+
+
+def drop_adapters(runs: list[dict], chosen: dict) -> None:
+    """Only the chosen run of a grid keeps its adapter in the results (about 2 MB each for SmolLM2)."""
+    for run in runs:
+        if run is not chosen:
+            shutil.rmtree(run["dir"] / "adapter", ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Units
+# ---------------------------------------------------------------------------------------------------------
+
+def popularity_unit(preset: Preset, results: Path) -> None:
+    """Rank the B most frequent targets of the WHOLE training split (ties by item id) for every test user."""
+    import data
+    dest = results / "test" / "popularity"
+    if dest.exists():
+        return print(f"skip test/popularity (done: {dest})", flush=True)
+    started = time.time()
+    dataset = data.load_dataset(data.DataConfig(dataset=preset.dataset, data_dir=preset.data_dir,
+                                                train_samples=0, seed=preset.seed))
+    counts = Counter(example.target for example in dataset.train)
+    top = sorted(counts, key=lambda item: (-counts[item], item))[:preset.beam_width]
+    test = test_windows(dataset, preset)
+    records = [{"i": i, "user_id": e.user_id, "target": e.target,
+                "beam_rank": top.index(e.target) if e.target in top else None} for i, e in enumerate(test)]
+    commit_unit(dest, records, {"arm": "popularity", "top": top, "train_windows": len(dataset.train),
+                                "wall_s": time.time() - started})
+
+
+def train_unit(preset: Preset, results: Path, work: Path, name: str, **flags) -> dict:
+    """Train one configuration with train.py (torchrun when preset.nproc > 1), resuming a killed run; keep its
+    config, log, manifest and best-validation adapter. Returns {name, config, best_valid, dir}."""
+    dest = results / "runs" / name
+    if not dest.exists():
+        out = work / "runs" / name
+        resuming = (out / "train_config.json").exists()
+        argv = ["train.py", *train_argv(preset, out, **flags)] + (["--resume"] if resuming else [])
+        launcher = [sys.executable] if preset.nproc == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(preset.nproc)]
+        print(f"unit runs/{name}: {'resuming' if resuming else 'training'} ({' '.join(map(str, argv[1:]))})",
+              flush=True)
+        started = time.time()
+        code = subprocess.run(launcher + [str(a) for a in argv], cwd=REPO).returncode
+        wall = add_wall_seconds(out, time.time() - started)
+        if code != 0:
+            raise StudyError(f"unit runs/{name}: train.py exited with {code} (its output is above)")
+        manifest = json.loads((out / "checkpoint.json").read_text())
+        tmp = Path(str(dest) + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "adapter").mkdir(parents=True)
+        for file in ("train_config.json", "log.jsonl", "checkpoint.json"):
+            shutil.copy(out / file, tmp / file)
+        for file in ("adapter_config.json", "adapter_model.safetensors", "train_config.json"):
+            shutil.copy(out / manifest["best"] / file, tmp / "adapter" / file)
+        write_json(tmp / "unit.json", {"wall_s": wall, "code": code_version()})
+        os.replace(tmp, dest)
+    else:
+        print(f"skip runs/{name} (done)", flush=True)
+    return read_run(dest)
+
+
+def train_argv(preset: Preset, out: Path, **flags) -> list[str]:
+    """train.py's flags for one training unit: the preset's sizes, then the unit's own flags."""
+    argv = ["--dataset", preset.dataset, "--model", preset.model, "--data-dir", preset.data_dir, "--out", out,
+            "--train-samples", preset.train_samples, "--epochs", preset.epochs, "--global-batch",
+            preset.global_batch, "--micro-batch", preset.micro_batch, "--warmup-steps", preset.warmup_steps,
+            "--valid-limit", preset.valid_limit, "--eval-batch", preset.eval_batch, "--beam-width",
+            preset.beam_width, "--dtype", preset.dtype, "--seed", preset.seed, "--save-every", preset.save_every]
+    for flag, value in flags.items():
+        argv += ["--" + flag.replace("_", "-"), value]
+    return [str(a) for a in argv]
+
+
+def evaluate_unit(preset: Preset, results: Path, work: Path, arm: str, run: dict | None) -> None:
+    """Evaluate one model (the untuned base when run is None) on the test split, example by example."""
+    dest = results / "test" / arm
+    if dest.exists():
+        return print(f"skip test/{arm} (done)", flush=True)
+    import torch
+    import beam
+    import data
+    from eval import DTYPES, Progress
+    from lora import load_adapter
+    from model import load_model, load_tokenizer
+
+    started = time.time()
+    partial = work / "test" / f"{arm}.partial.jsonl"
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    records = read_partial(partial)
+    tokenizer = load_tokenizer(preset.model)
+    dataset = data.load_dataset(data.DataConfig(dataset=preset.dataset, data_dir=preset.data_dir,
+                                                train_samples=preset.train_samples, seed=preset.seed))
+    trie = data.build_trie(dataset, tokenizer)
+    test = test_windows(dataset, preset)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(str(Path(preset.model).expanduser()), dtype=DTYPES[preset.dtype], device=device)
+    if run is not None:
+        load_adapter(model, run["dir"] / "adapter")
+    model.eval()
+    config = beam.BeamConfig(beam_width=preset.beam_width, batch_size=preset.eval_batch)  # lp 0, mask before
+    progress = Progress(f"unit test/{arm}", len(test))
+    print(f"unit test/{arm}: {len(test)} test windows ({len(records)} done before)", flush=True)
+    with open(partial, "a") as f:
+        for first in range(len(records), len(test), preset.chunk):
+            chunk = test[first:first + preset.chunk]
+            f.writelines(json.dumps(r) + "\n" for r in
+                         evaluate_chunk(model, dataset, tokenizer, trie, chunk, first, config,
+                                        lambda done: progress(first + done)))
+            f.flush()
+    records = read_partial(partial)
+    commit_unit(dest, records, {"arm": arm, "run": run["name"] if run else None, "wall_s": time.time() - started,
+                                "code": code_version()})
+    partial.unlink()
+
+
+def evaluate_chunk(model, dataset, tokenizer, trie, chunk, first, config, progress) -> list[dict]:
+    """Per test example: the beam's rank of the target, the returned items, the target's teacher-forced token
+    ranks and total log-prob, and its rank in the EXACT top-K by total probability (None if not in it).
+
+    The exact top-K search runs only where it can matter: if B returned items (real items, scored exactly as
+    the exact search scores them: length penalty 0) already beat the target's total log-prob, the target is
+    not in the exact top-B, with no search."""
+    import beam
+    import data
+    prompts = [data.prompt_tokens(dataset.prompt(e), tokenizer) for e in chunk]
+    targets = [e.target for e in chunk]
+    results, forced = beam.search_and_teacher_force(model, prompts, targets, trie, tokenizer.eos_id,
+                                                    tokenizer.pad_id, config, progress)
+    top = max(CUTOFFS)
+    log_prob = [sum(f[2]) for f in forced]
+    need = [i for i, (target, returned) in enumerate(zip(targets, results))
+            if sum(target not in items and score > log_prob[i] for items, score in returned) < top]
+    exact = dict(zip(need, beam.exact_topk(model, [prompts[i] for i in need], trie, top, tokenizer.eos_id,
+                                           tokenizer.pad_id, config))) if need else {}
+    return [{"i": first + i, "user_id": e.user_id, "target": e.target,
+             "beam_rank": beam.rank_of(e.target, results[i]),
+             "beam": [[sorted(items), round(score, 5)] for items, score in results[i]],
+             "target_log_prob": round(log_prob[i], 5),
+             "exact_searched": i in exact,
+             "exact_rank": beam.rank_of(e.target, exact[i][:top]) if i in exact else None,
+             "token_ranks": forced[i][0], "token_valid": forced[i][1]}
+            for i, e in enumerate(chunk)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metrics, bootstrap and the report: from the results folder alone
+# ---------------------------------------------------------------------------------------------------------
+
+ARMS = ("popularity", "base", "sft", "msl", "bear", "obj31", "bear-authors-norm", "bear-violators")
+ARM_LABELS = {"popularity": "popularity", "base": "base model (untuned)", "sft": "SFT", "msl": "MSL",
+              "bear": "BEAR", "obj31": "Obj 3.1", "bear-authors-norm": "BEAR, authors' normalisation",
+              "bear-violators": "BEAR, violators surrogate (our ablation)"}
+PAIRS = (("bear", "msl"), ("bear", "sft"), ("obj31", "bear"), ("bear-authors-norm", "bear"),
+         ("bear-violators", "bear"))
+CI_METRICS = ("ndcg@10", "hr@10", "pr@10", "nc_rate")
+
+
+def per_example(records: list[dict], beam_width: int) -> dict[str, np.ndarray]:
+    """Per-example columns whose sums (or ratios of sums) are the metrics; what the bootstrap resamples."""
+    rank = np.array([np.inf if r["beam_rank"] is None else r["beam_rank"] for r in records], dtype=float)
+    columns = {}
+    for k in CUTOFFS:
+        columns[f"hr@{k}"] = (rank < k).astype(float)
+        columns[f"ndcg@{k}"] = np.where(rank < k, 1.0 / np.log2(np.minimum(rank, k) + 2), 0.0)
+    if records and "token_ranks" in records[0]:
+        exact = np.array([np.inf if r["exact_rank"] is None else r["exact_rank"] for r in records], dtype=float)
+        violated = np.array([max(r["token_ranks"]) >= beam_width for r in records], dtype=float)
+        for k in CUTOFFS:
+            columns[f"eligible@{k}"] = (exact < k).astype(float)
+            columns[f"pruned@{k}"] = ((exact < k) & ~(rank < math.inf)).astype(float)
+        columns["pruned_violated@10"] = columns["pruned@10"] * violated
+        columns["nc_rate"] = 1.0 - violated
+    return columns
+
+
+def metrics_from(columns: dict[str, np.ndarray], weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The metrics from the per-example columns; `weights` (R, n) resample counts give R values per metric."""
+    n = len(next(iter(columns.values())))
+    weights = np.ones((1, n)) if weights is None else weights
+    sums = {name: weights @ column for name, column in columns.items()}
+    out = {name: sums[name] / n for name in columns if "@" not in name or name.split("@")[0] in ("hr", "ndcg")}
+    if "nc_rate" in columns:
+        for k in CUTOFFS:
+            out[f"pr@{k}"] = sums[f"pruned@{k}"] / np.maximum(sums[f"eligible@{k}"], 1)
+        out["violation_share"] = sums["pruned_violated@10"] / np.maximum(sums["pruned@10"], 1)
+        out["nc_rate"] = sums["nc_rate"] / n
+    return out
+
+
+def report(results: Path) -> str:
+    preset = json.loads((results / "preset.json").read_text())
+    width = preset["beam_width"]
+    arms = {arm: read_records(results / "test" / arm) for arm in ARMS if (results / "test" / arm).exists()}
+    columns = {arm: per_example(records, width) for arm, records in arms.items()}
+    point = {arm: {name: float(value[0]) for name, value in metrics_from(cols).items()}
+             for arm, cols in columns.items()}
+    runs = {path.name: read_run(path) for path in sorted((results / "runs").glob("*")) if path.is_dir()} \
+        if (results / "runs").exists() else {}
+    selection = json.loads((results / "selection.json").read_text()) if (results / "selection.json").exists() \
+        else {}
+    arm_run = {arm: json.loads((results / "test" / arm / "unit.json").read_text()).get("run") for arm in arms}
+
+    rng = np.random.default_rng(preset["seed"])
+    n = len(next(iter(arms.values()))) if arms else 0
+    weights = rng.multinomial(n, np.full(n, 1.0 / n), size=preset["bootstrap"]) if n else None
+    lines = [f"Preset: {preset['dataset']}, model `{Path(preset['model']).name}`, {preset['train_samples']} "
+             f"training windows x {preset['epochs']} epochs, global batch {preset['global_batch']}, "
+             f"{preset['warmup_steps']} warm-up steps, validation on the first {preset['valid_limit'] or 'all'} "
+             f"validation windows, test on {n} test windows, B = {width}, {preset['dtype']}, seed {preset['seed']}, "
+             f"{preset['bootstrap']} paired bootstrap resamples.", ""]
+
+    lines += ["**Selection on validation** (NDCG@10 / HR@10 of each epoch's checkpoint; * = chosen):", "",
+              "| run | loss | lr | lambda' | xi | epoch 1 | epoch 2+ | s/step |", "|---|---|---|---|---|---|---|---|"]
+    for name, run in runs.items():
+        config, epochs = run["config"], run["valid"]
+        cells = [f"{e['ndcg@10']:.4f} / {e['hr@10']:.4f}" for e in epochs]
+        chosen = "*" if name in (selection.get("msl"), selection.get("bear")) else ""
+        regularised = config["loss"] in ("bear", "obj31")
+        tw, xi = (f"{config['lam'] / config['xi']:g}", f"{config['xi']:g}") if regularised else ("-", "-")
+        lines.append(f"| {name}{chosen} | {config['loss']} | {config['lr']:g} | {tw} | {xi} | "
+                     f"{cells[0] if cells else ''} | {', '.join(cells[1:])} | {run['seconds_per_step']:.1f} |")
+
+    names = ["ndcg@5", "ndcg@10", "hr@5", "hr@10", "pr@5", "pr@10", "violation_share", "nc_rate"]
+    lines += ["", "**Test** (our protocol: mask before the softmax, length penalty 0; PR@K = share of the "
+                  "targets in the exact top-K by total probability that the beam search pruned; violation share = "
+                  "pruned top-10 targets with some token below the top-B at its step; NC rate = share of ALL "
+                  "test targets meeting the necessary condition at every token):", "",
+              "| arm | run | " + " | ".join(names) + " | eligible@10 | s/step |",
+              "|---|---|" + "---|" * (len(names) + 2)]
+    for arm in arms:
+        m = point[arm]
+        run = runs.get(arm_run[arm])
+        cells = [f"{m[name]:.4f}" if name in m else "n/a" for name in names]
+        eligible = int(columns[arm]["eligible@10"].sum()) if "eligible@10" in columns[arm] else "n/a"
+        lines.append(f"| {ARM_LABELS[arm]} | {arm_run[arm] or '-'} | " + " | ".join(cells) +
+                     f" | {eligible} | {run['seconds_per_step']:.1f} |" if run else
+                     f"| {ARM_LABELS[arm]} | - | " + " | ".join(cells) + f" | {eligible} | - |")
+
+    pairs = [(a, b) for a, b in PAIRS if a in arms and b in arms]
+    if pairs:
+        lines += ["", "**Paired bootstrap 95% CIs** of the difference (first arm minus second):", "",
+                  "| difference | " + " | ".join(CI_METRICS) + " |", "|---|" + "---|" * len(CI_METRICS)]
+        for a, b in pairs:
+            diff_a, diff_b = metrics_from(columns[a], weights), metrics_from(columns[b], weights)
+            cells = []
+            for name in CI_METRICS:
+                delta = point[a][name] - point[b][name]
+                low, high = np.percentile(diff_a[name] - diff_b[name], [2.5, 97.5])
+                cells.append(f"{delta:+.4f} [{low:+.4f}, {high:+.4f}]")
+            lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+
+    costs = {arm: runs[arm_run[arm]]["seconds_per_step"] for arm in arms if arm_run[arm] in runs}
+    if "sft" in costs:
+        lines += ["", "Training cost per step relative to SFT (median seconds per optimizer step, same machine): " +
+                  ", ".join(f"{arm}/sft {costs[arm] / costs['sft']:.2f}x" for arm in costs if arm != "sft") + "."]
+    wall = sum(r["wall_s"] for r in runs.values()) + sum(
+        json.loads((results / "test" / arm / "unit.json").read_text())["wall_s"] for arm in arms)
+    lines += ["", f"Wall time of the units done so far: {wall / 3600:.2f} h "
+                  f"({len(runs)} training runs, {len(arms)} test evaluations)."]
+    figure(results, point, columns, weights)
+    text = "\n".join(lines) + "\n"
+    (results / "report.md").write_text(text)
+    return text
+
+
+def figure(results: Path, point: dict, columns: dict, weights) -> None:
+    """PR@10, the necessary-condition rate and NDCG@10 per arm with bootstrap 95% bars (in the spirit of Fig. 6)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return print("note: matplotlib is not installed, no figure (pip install matplotlib)", flush=True)
+    panels = (("pr@10", "PR@10 (lower is better)"), ("nc_rate", "necessary-condition rate"),
+              ("ndcg@10", "NDCG@10"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    for ax, (name, title) in zip(axes, panels):
+        arms = [arm for arm in point if name in point[arm]]
+        values = [point[arm][name] for arm in arms]
+        spread = [np.percentile(metrics_from(columns[arm], weights)[name], [2.5, 97.5]) for arm in arms]
+        errors = np.array([[v - lo for v, (lo, _) in zip(values, spread)], [hi - v for v, (_, hi) in zip(values, spread)]])
+        ax.bar(range(len(arms)), values, yerr=np.clip(errors, 0, None), capsize=3,
+               color=["#d62728" if "bear" in arm else "#1f77b4" if arm in ("sft", "msl", "obj31") else "#7f7f7f"
+                      for arm in arms])
+        ax.set_xticks(range(len(arms)), arms, rotation=35, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(results / "figure.png", dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------------------
+
+def test_windows(dataset, preset: Preset) -> list:
+    return dataset.test[:preset.test_limit] if preset.test_limit else dataset.test
+
+
+def read_run(path: Path) -> dict:
+    """A finished training unit: its config, per-epoch validation metrics and median seconds per step."""
+    log = [json.loads(line) for line in (path / "log.jsonl").read_text().splitlines()]
+    manifest = json.loads((path / "checkpoint.json").read_text())
+    valid = [record["valid"] for record in log if "valid" in record]
+    best = next(record["valid"] for record in log if "valid" in record and record["step"] ==
+                int(manifest["best"].split("-")[1]))
+    step_seconds = [record["label_tokens"] / record["tokens_per_s"] for record in log if "loss" in record]
+    return {"name": path.name, "dir": path, "config": json.loads((path / "train_config.json").read_text()),
+            "valid": valid, "best_valid": best, "seconds_per_step": float(np.median(step_seconds)),
+            "wall_s": json.loads((path / "unit.json").read_text())["wall_s"]}
+
+
+def read_records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in (path / "examples.jsonl").read_text().splitlines()]
+
+
+def read_partial(path: Path) -> list[dict]:
+    """The complete lines of a partial examples file (a kill may leave half a line: it is cut off)."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    complete = text[:text.rfind("\n") + 1]
+    if complete != text:
+        path.write_text(complete)
+    return [json.loads(line) for line in complete.splitlines()]
+
+
+def commit_unit(dest: Path, records: list[dict], unit: dict) -> None:
+    tmp = Path(str(dest) + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "examples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_json(tmp / "unit.json", unit)
+    os.replace(tmp, dest)
+    print(f"unit {dest.parent.name}/{dest.name} done ({unit['wall_s']:.0f} s)", flush=True)
+
+
+def add_wall_seconds(out: Path, seconds: float) -> float:
+    """Wall time of a training unit summed over its (possibly interrupted) invocations."""
+    path = out / "study_wall.json"
+    total = (json.loads(path.read_text())["wall_s"] if path.exists() else 0.0) + seconds
+    if out.exists():
+        write_json(path, {"wall_s": total})
+    return total
+
+
+def code_version() -> str:
+    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return result.stdout.strip() or "unknown"
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="The BEAR reproduction study (resumable).")
+    parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    parser.add_argument("--results", default="", help="results folder (default results/<preset>)")
+    parser.add_argument("--work", default="", help="checkpoints and partial files (default out-study/<preset>)")
+    parser.add_argument("--model", default="", help="override the preset's model")
+    parser.add_argument("--report", action="store_true", help="only recompute the report from --results")
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.preset]
+    if args.model:
+        preset = dataclasses.replace(preset, model=args.model)
+    results = Path(args.results or REPO / "results" / args.preset)
+    work = Path(args.work or REPO / "out-study" / args.preset)
+    try:
+        if not args.report:
+            run_study(preset, results, work)
+        print(report(results), flush=True)
+    except StudyError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
