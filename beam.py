@@ -203,18 +203,21 @@ def _advance(model, cache, step, row_model, determined_after):
 
 # ------------------------------------------------------------------------------------------------ beam search
 @torch.no_grad()
-def beam_search(model, prompts, trie, eos_id, pad_id, config=BeamConfig()):
+def beam_search(model, prompts, trie, eos_id, pad_id, config=BeamConfig(), progress=None):
     """Trie-constrained beam search for many users (SPEC §4).
 
     prompts: list of token-id lists (each user's full prompt). Returns, per user, up to B distinct leaves as
     (frozenset of item ids sharing that title, score), best first; score = total log-prob / gen_len **
-    length_penalty (gen_len counts the EOS). Fewer than B when fewer items are reachable."""
+    length_penalty (gen_len counts the EOS). Fewer than B when fewer items are reachable. `progress(done)`, if
+    given, is called after each batch of users."""
     _check_config(config)
     _check_trie(trie)
     results = []
     for start in range(0, len(prompts), config.batch_size):
         results.extend(_beam_search_batch(model, prompts[start:start + config.batch_size], trie, eos_id, pad_id,
                                           config))
+        if progress is not None:
+            progress(len(results))
     return results
 
 
@@ -315,10 +318,11 @@ def _teacher_force(model, cache, first_logits, targets, trie, pad_id, mask_befor
                        for r, t in enumerate(tokens)])                                  # (N,)
     labels = torch.tensor([token for t in tokens for token in t])                       # (N,)
     nodes = torch.cat([trie.item_path(target) for target in targets]).long()            # (N,) node before each
-    logits = logits[order.to(logits.device)]                                            # (N, V)
+    device = logits.device
+    logits = logits[order.to(device)]                                                   # (N, V)
     row, token, _ = _children(trie, nodes)                                              # (M,) valid pairs
-    valid_logit = logits[row, token].cpu()                                              # (M,)
-    label_logit = logits[torch.arange(len(labels)), labels.to(logits.device)].cpu()    # (N,)
+    valid_logit = logits[row.to(device), token.to(device)].cpu()                        # (M,)
+    label_logit = logits[torch.arange(len(labels), device=device), labels.to(device)].cpu()   # (N,)
     ranks = torch.zeros(len(labels), dtype=torch.long).index_add_(0, row, (valid_logit > label_logit[row]).long())
     valid = torch.bincount(row, minlength=len(labels))                                 # (N,)
     log_p = _token_log_probs(logits, row, token, mask_before_softmax)                   # (M,)
@@ -402,7 +406,7 @@ def _thresholds_batch(model, prompts, labels, trie, eos_id, pad_id, config, tau)
 
 # ------------------------------------------------------------------------------------------------ exact top-K
 @torch.no_grad()
-def exact_topk(model, prompts, trie, k, eos_id, pad_id, config=BeamConfig(), expand_width=16):
+def exact_topk(model, prompts, trie, k, eos_id, pad_id, config=BeamConfig(), expand_width=16, progress=None):
     """The k items of largest total log-prob log P(y|x) per prompt, exactly (SPEC §5, for PR@K), best first, as
     (frozenset of item ids, total log-prob). Scored like the beam search (config.mask_before_softmax).
 
@@ -420,6 +424,8 @@ def exact_topk(model, prompts, trie, k, eos_id, pad_id, config=BeamConfig(), exp
     for start in range(0, len(prompts), config.batch_size):
         results.extend(_exact_topk_batch(model, prompts[start:start + config.batch_size], trie, k, eos_id, pad_id,
                                          config.mask_before_softmax, expand_width))
+        if progress is not None:
+            progress(len(results))
     return results
 
 

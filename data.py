@@ -1,4 +1,5 @@
-"""Data stage: the paper's four Amazon datasets, from review files to the tensors the losses and the beam search use.
+"""Data stage: the paper's four Amazon datasets (or one of your own), from review files to the tensors the losses
+and the beam search use.
 
 Read top to bottom: datasets and the prompt (SPEC §1), reading the processed CSV files and the splits, dataset
 statistics, the item trie (SPEC §2), tokenising examples, batching, the raw Amazon pipeline (SPEC §6), the
@@ -6,7 +7,8 @@ download of the authors' processed files, and the CLI:
 
     python data.py --dataset office --stats [--tokenizer MODEL_DIR]      # Table 1 numbers, splits, trie, checks
     python data.py --dataset toy --download                             # fetch the authors' processed files
-    python data.py --raw-reviews reviews_Office_Products_5.json --raw-meta meta_Office_Products.json --out DIR
+    python data.py --raw-reviews reviews_Video_Games_5.json --raw-meta meta_Video_Games.json --out DIR
+    python data.py --dataset DIR --stats                                # a dataset of your own: any folder
 """
 import argparse
 import ast
@@ -32,11 +34,9 @@ import torch
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    folder: str            # sub-folder of the data root
+    folder: str            # sub-folder of the data root; for a dataset of your own, the folder's absolute path
     instruction: str
     prefix: str
-    remote_folder: str     # folder name in the authors' public release (used by --download)
-    release_files: tuple[str, ...] = ("id2name4Rec.json", "train.csv", "train_10000.csv", "valid.csv", "test.csv")
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -44,21 +44,20 @@ DATASETS: dict[str, DatasetInfo] = {
         "Office",
         "Given a list of office products the user has used before, please recommend a new office product that "
         "the user likes to the user.",
-        "The user has used the following office products before:", "Office"),
+        "The user has used the following office products before:"),
     "book": DatasetInfo(
         "Book",
         "Given a list of books the user has read before, please recommend a new book that the user likes to the user.",
-        "The user has read the following books before:", "Amazon_Books"),
+        "The user has read the following books before:"),
     "toy": DatasetInfo(
         "Toy",
         "Given a list of toys the user has played before, please recommend a new toy that the user likes to the user.",
-        "The user has played the following toys before:", "Toy",
-        ("id2name4Rec.json", "train_5000.csv", "valid.csv", "test.csv")),
+        "The user has played the following toys before:"),
     "clothing": DatasetInfo(
         "Clothing",
         "Given a list of clothing the user has worn before, please recommend a new clothing that the user likes to "
         "the user.",
-        "The user has worn the following clothing before:", "Clothing"),
+        "The user has worn the following clothing before:"),
 }
 
 # One template for training and inference. The authors' code has stray whitespace that differs between the two
@@ -69,10 +68,17 @@ PROMPT = ("Below is an instruction that describes a task, paired with an input t
           "### Input:\n{prefix} {titles}\n\n"
           "### Response:\n")
 
+# A dataset of your own carries its wording beside its data: {"instruction": ..., "prefix": ...}.
+PROMPT_FILE = "prompt.json"
+
 # Paper Table 1 (users, items, interactions), printed beside our reconstruction by --stats.
 TABLE1 = {"office": (4895, 2414, 53149), "book": (16559, 6344, 151928),
           "toy": (19124, 11758, 165247), "clothing": (39230, 22948, 277534)}
-DEFAULT_DOWNLOAD_URL = "https://raw.githubusercontent.com/WANGBohaO-jpg/MSL/main/data"
+
+# The BEAR authors' release: <url>/<Folder>/<file> for the four folders above. train_10000.csv is their training
+# sample; there is no valid.csv, and test_5000.csv (unused) is test.csv or its first 5000 rows.
+DEFAULT_DOWNLOAD_URL = "https://raw.githubusercontent.com/Tiny-Snow/BEAR-SIGIR-2026/main/data"
+RELEASE_FILES = ("id2name4Rec.json", "train.csv", "train_10000.csv", "test.csv")
 
 
 def dataset_info(name: str) -> DatasetInfo:
@@ -80,6 +86,26 @@ def dataset_info(name: str) -> DatasetInfo:
     if key not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
     return DATASETS[key]
+
+
+def default_prompt(category: str) -> dict[str, str]:
+    """The paper's wording for a category of your own: "video games" -> "Given a list of video games the user has
+    used before, please recommend a new video game that the user likes to the user." The singular drops a plural
+    ending (-ies -> -y, -s -> nothing) from the last word of each "and" part ("toys and games" -> "toy and
+    game"); where that reads badly, edit the prompt.json it goes into."""
+    def singular(phrase: str) -> str:
+        head, _, last = phrase.rpartition(" ")
+        if last.endswith("ies"):
+            last = last[:-3] + "y"
+        elif last.endswith("s") and not last.endswith("ss"):
+            last = last[:-1]
+        return f"{head} {last}".strip()
+
+    plural = " ".join(category.lower().split())
+    one = " and ".join(singular(part) for part in plural.split(" and "))
+    return {"instruction": f"Given a list of {plural} the user has used before, please recommend a new {one} that "
+                           f"the user likes to the user.",
+            "prefix": f"The user has used the following {plural} before:"}
 
 
 def target_text(title: str) -> str:
@@ -97,7 +123,7 @@ def build_prompt(info: DatasetInfo, history_titles: Sequence[str]) -> str:
 
 @dataclass
 class DataConfig:
-    dataset: str
+    dataset: str                  # office | book | toy | clothing, or the path of a dataset folder of your own
     data_dir: str | None = None   # None -> $BEAR_DATA -> ./data
     train_samples: int = 10000    # the paper trains on sample(n=10000, random_state=42) of train; <= 0: all of train
     seed: int = 42
@@ -119,29 +145,78 @@ class Dataset:
     train: list[Example]
     valid: list[Example]
     test: list[Example]
-    notes: list[str]              # how the splits were made where the release lacks a file (print these)
+    notes: list[str]              # how the splits were made where the folder lacks a file (print these)
 
     def prompt(self, example: Example) -> str:
         return build_prompt(self.info, [self.titles[i] for i in example.history])
 
 
 def resolve_data_root(data_dir: str | None) -> Path:
-    root = Path(data_dir or os.environ.get("BEAR_DATA") or "./data")
-    if not root.is_dir():
-        raise FileNotFoundError(f"data root {root} does not exist (give --data-dir, set $BEAR_DATA, or --download)")
-    return root
+    """--data-dir, else $BEAR_DATA, else ./data (it need not exist yet: --download creates it)."""
+    return Path(data_dir or os.environ.get("BEAR_DATA") or "./data").expanduser()
+
+
+def read_json(path: Path):
+    """A JSON file's content; a missing or corrupt file is one error line that names it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"missing file {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def locate_dataset(name: str, data_dir: str | None) -> tuple[DatasetInfo, Path]:
+    """A paper dataset by name (any case) is <data root>/<Folder> with the wording of SPEC §1. Any other name is
+    the path of a dataset folder of your own, worded by its prompt.json (so a folder named like a paper dataset is
+    still found by name under the data root; write ./office for a folder of your own called office)."""
+    if name.lower() in DATASETS:
+        info = DATASETS[name.lower()]
+        folder = resolve_data_root(data_dir) / info.folder
+        if not folder.is_dir():
+            fetch = f"python data.py --dataset {name.lower()} --download"
+            if data_dir:
+                fetch += f" --data-dir {data_dir}"
+            raise FileNotFoundError(f"missing dataset folder {folder}: point --data-dir or $BEAR_DATA at the folder "
+                                    f"that holds {info.folder}/, or fetch it: {fetch}")
+        return info, folder
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}, or the path of a dataset "
+                         f"folder (id2name4Rec.json, train.csv, test.csv, {PROMPT_FILE})")
+    path = folder / PROMPT_FILE
+    if not path.is_file():
+        hint = ""
+        if folder.name.lower() in DATASETS:   # probably the paper's dataset, given by its path
+            hint = f"; for the paper's {folder.name}, give --dataset {folder.name.lower()} --data-dir " \
+                   f"{folder.resolve().parent}"
+        raise FileNotFoundError(f'missing file {path}: a dataset folder of your own needs its prompt wording, '
+                                f'{{"instruction": "...", "prefix": "..."}} (the raw pipeline writes one){hint}')
+    prompt = read_json(path)
+    if not (isinstance(prompt, dict) and sorted(prompt) == ["instruction", "prefix"] and
+            all(isinstance(text, str) and text.strip() for text in prompt.values())):
+        raise ValueError(f'{path}: want {{"instruction": "...", "prefix": "..."}}, two non-empty strings, '
+                         f'got {json.dumps(prompt)[:200]}')
+    return DatasetInfo(str(folder.resolve()), prompt["instruction"], prompt["prefix"]), folder
 
 
 def read_titles(path: Path) -> dict[int, str]:
-    if not path.is_file():
-        raise FileNotFoundError(f"missing file {path}")
-    with open(path, encoding="utf-8") as f:
-        raw = json.load(f)
-    titles = {int(k): v for k, v in raw.items()}
-    for item, title in titles.items():
+    """id2name4Rec.json: {"<item id>": "<title>", ...}."""
+    raw = read_json(path)
+    if not isinstance(raw, dict):
+        raise ValueError(f'{path}: want a JSON object {{"<item id>": "<title>", ...}}, got a {type(raw).__name__}')
+    titles = {}
+    for key, title in raw.items():
+        # Plain decimal ids only: "01" or " 1" would silently alias item 1.
+        if not (key.isascii() and key.isdigit() and str(int(key)) == key):
+            raise ValueError(f"{path}: key {key!r} is not an item id (a decimal integer)")
+        if not isinstance(title, str):
+            raise ValueError(f"{path}: title of item {key} is not a string: {json.dumps(title)[:100]}")
         # A '"' inside a title would close the quoted target early, so the prompt could not be parsed back.
         if '"' in title:
-            raise ValueError(f"{path}: title of item {item} contains a literal '\"': {title!r}")
+            raise ValueError(f"{path}: title of item {key} contains a literal '\"': {title!r}")
+        titles[int(key)] = title
     return titles
 
 
@@ -175,7 +250,7 @@ def read_windows(path: Path, titles: dict[int, str], max_history: int = 10) -> l
                 if unknown:
                     raise ValueError(f"{where}: item id {unknown[0]} is not in id2name4Rec.json")
                 examples.append(Example(user, tuple(items[:-1][-max_history:]), items[-1], timestamp))
-        except csv.Error as e:
+        except (csv.Error, UnicodeDecodeError) as e:
             raise ValueError(f"{path}:{reader.line_num}: malformed row ({e})") from None
     return examples
 
@@ -195,14 +270,24 @@ def chronological_holdout(rows: list[Example], parts: int = 9) -> set[int]:
     return set(by_time[len(rows) - len(rows) // parts:])
 
 
+def sample_files(folder: Path) -> list[Path]:
+    """The authors' training samples train_<N>.csv in the folder, smallest N first."""
+    found = [p for p in folder.glob("train_*.csv") if p.stem[len("train_"):].isdigit()]
+    return sorted(found, key=lambda p: int(p.stem[len("train_"):]))
+
+
 def load_dataset(config: DataConfig) -> Dataset:
-    info = dataset_info(config.dataset)
+    """The splits of a dataset folder. The training pool is the first of these that the folder has:
+      1. train.csv, the full training split, sampled with --seed (with seed 42 this is the authors'
+         train_10000.csv row for row, tested on Office, Book and Clothing); the authors' release has it for all
+         four datasets;
+      2. train_<N>.csv, an authors' seed-42 sample, used as is: the smallest N that covers --train-samples, else
+         the largest (../shared's Toy has only train_5000.csv).
+    Validation is valid.csv, else the chronologically last 1/9 of the training pool, which is then never trained
+    on. test.csv is used in full. `notes` says which of these choices were made."""
     if config.max_history < 1:
         raise ValueError(f"max_history must be >= 1, got {config.max_history}")
-    folder = resolve_data_root(config.data_dir) / info.folder
-    if not folder.is_dir():
-        raise FileNotFoundError(f"missing dataset folder {folder} (try: python data.py --dataset {config.dataset} "
-                                f"--download)")
+    info, folder = locate_dataset(config.dataset, config.data_dir)
     titles = read_titles(folder / "id2name4Rec.json")
     read = lambda name: read_windows(folder / name, titles, config.max_history)  # noqa: E731
     notes = []
@@ -211,26 +296,26 @@ def load_dataset(config: DataConfig) -> Dataset:
         full_train = read("train.csv")
         source = "train.csv"
     else:
-        # Toy: only the authors' sample was released. The sample files are pandas samples of the full train, so
-        # their first m rows are exactly sample(m) (see sample_indices).
-        ready = sorted(folder.glob("train_*.csv"), key=lambda p: int(p.stem.split("_")[1]))
+        # The sample files are pandas samples of the full train, so their first m rows are exactly sample(m) (see
+        # sample_indices).
+        ready = sample_files(folder)
         if not ready:
             raise FileNotFoundError(f"missing file {folder / 'train.csv'} (and no train_<N>.csv)")
-        fits = [p for p in ready if int(p.stem.split("_")[1]) >= config.train_samples > 0]
+        fits = [p for p in ready if int(p.stem[len("train_"):]) >= config.train_samples > 0]
         path = fits[0] if fits else ready[-1]
         full_train, source = read(path.name), path.name
-        notes.append(f"{info.folder}: train.csv is not in the release; using {path.name} as is (the first rows of "
-                     f"the authors' seed-42 sample of the full train, i.e. exactly sample(m) for m <= its rows)")
+        notes.append(f"{folder.name}: no train.csv; using {path.name} as is (the first rows of the authors' seed-42 "
+                     f"sample of the full train, i.e. exactly sample(m) for m <= its rows)")
 
     if (folder / "valid.csv").is_file():
         valid, held_out = read("valid.csv"), set()
     else:
-        # Book, Clothing: no valid split was released. Hold out the chronologically last 1/9 of train so that
+        # The authors' release has no valid split. Hold out the chronologically last 1/9 of train so that
         # train : valid : test stays about 8 : 1 : 1 and model selection never looks at the test set.
         held_out = chronological_holdout(full_train)
         valid = [row for i, row in enumerate(full_train) if i in held_out]
-        notes.append(f"{info.folder}: no valid.csv in the release; valid = the chronologically last 1/9 of "
-                     f"{source} ({len(valid)} windows), removed from the training pool")
+        notes.append(f"{folder.name}: no valid.csv; valid = the chronologically last 1/9 of {source} "
+                     f"({len(valid)} windows), removed from the training pool")
 
     if config.train_samples <= 0:
         order = range(len(full_train))
@@ -241,14 +326,14 @@ def load_dataset(config: DataConfig) -> Dataset:
         if config.seed != 42:
             raise ValueError(f"{source} is a seed-42 sample; it cannot give a sample with seed {config.seed}")
         if config.train_samples > len(full_train):
-            notes.append(f"{info.folder}: asked for {config.train_samples} training windows, {source} has only "
+            notes.append(f"{folder.name}: asked for {config.train_samples} training windows, {source} has only "
                          f"{len(full_train)}; using all of them")
     # The sample is drawn from the FULL train (so it is the authors' train_10000.csv row for row) and the held-out
     # rows are then dropped from it, which leaves about 8/9 of n windows but never trains on a validation window.
     train = [full_train[i] for i in order if i not in held_out]
     if held_out and config.train_samples > 0:
-        notes.append(f"{info.folder}: the training sample is the authors' sample of {source} minus its held-out "
-                     f"rows: {len(train)} of {len(order)} windows")
+        notes.append(f"{folder.name}: the training sample is the sample of {source} minus its held-out rows: "
+                     f"{len(train)} of {len(order)} windows")
     test = read("test.csv")
     return Dataset(info, titles, train, valid, test, notes)
 
@@ -261,12 +346,11 @@ def dataset_statistics(config: DataConfig) -> dict:
     """Users, items and interactions reconstructed from every released window. A user's windows are
     items[max(i-10,0):i+1] for i from min(10, n-1) to n-1, so the user has n = (longest window - 1) + #windows
     interactions (exact when all the user's windows are released)."""
-    info = dataset_info(config.dataset)
-    folder = resolve_data_root(config.data_dir) / info.folder
+    _, folder = locate_dataset(config.dataset, config.data_dir)
     titles = read_titles(folder / "id2name4Rec.json")
     files = [p for p in sorted(folder.glob("*.csv")) if p.stem in ("train", "valid", "test")]
     if not (folder / "train.csv").is_file():
-        files += sorted(folder.glob("train_*.csv"), key=lambda p: int(p.stem.split("_")[1]))[-1:]
+        files += sample_files(folder)[-1:]
     rows = {p.name: read_windows(p, titles, max_history=10) for p in files}
     windows_per_user, longest = Counter(), Counter()
     for examples in rows.values():
@@ -274,8 +358,9 @@ def dataset_statistics(config: DataConfig) -> dict:
             windows_per_user[e.user_id] += 1
             longest[e.user_id] = max(longest[e.user_id], len(e.history) + 1)
     interactions = sum(longest[u] - 1 + windows_per_user[u] for u in windows_per_user)
-    return {"users": len(windows_per_user), "items": len(titles), "unique_titles": len(set(titles.values())),
-            "interactions": interactions, "file_rows": {name: len(r) for name, r in rows.items()},
+    return {"name": folder.name, "users": len(windows_per_user), "items": len(titles),
+            "unique_titles": len(set(titles.values())), "interactions": interactions,
+            "file_rows": {name: len(r) for name, r in rows.items()},
             "complete": all((folder / f"{s}.csv").is_file() for s in ("train", "valid", "test"))}
 
 
@@ -300,6 +385,10 @@ class ItemTrie:
         self._key_base = int(child_token.max()) + 1 if len(child_token) else 1
         parent = torch.repeat_interleave(torch.arange(self.num_nodes), child_ptr.diff())  # (E,)
         self._edge_key = parent * self._key_base + child_token                              # (E,) ascending
+        # Strictly ascending: step()'s searchsorted needs the order, and the masked losses (loss.py) would count a
+        # repeated (row, token) pair of valid_next twice. Checked once here rather than on every loss call.
+        if not bool((self._edge_key[1:] > self._edge_key[:-1]).all()):
+            raise ValueError("trie edges must be sorted by (parent, token) and contain no duplicates")
 
     @classmethod
     def build(cls, item_tokens: dict[int, Sequence[int]], eos_id: int) -> "ItemTrie":
@@ -463,7 +552,7 @@ def collate_prompts(prompt_token_lists: Sequence[Sequence[int]], pad_id: int) ->
 
 # ----------------------------------------------------------------------------------------------------------------
 # Raw pipeline (SPEC §6): Amazon 2014 (reviews_<Cat>_5.json, meta_<Cat>.json with Python-literal lines) or 2018
-# (<Cat>_5.json.gz, meta_<Cat>.json.gz, JSON lines) -> id2name4Rec.json + train/valid/test.csv
+# (<Cat>_5.json.gz, meta_<Cat>.json.gz, JSON lines) -> id2name4Rec.json + train/valid/test.csv + prompt.json
 
 
 def read_records(path: Path):
@@ -503,8 +592,17 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def category_of(reviews_path) -> str:
+    """The category in a dump's file name: reviews_Video_Games_5.json (2014) or Video_Games_5.json.gz (2018) ->
+    "video games" ("items" if the name has none)."""
+    stem = Path(reviews_path).name.split(".")[0].removeprefix("reviews_").removesuffix("_5")
+    return " ".join(stem.replace("_", " ").lower().split()) or "items"
+
+
 def build_from_raw(reviews_path, meta_path, out_dir, k_core: int = 5, max_history: int = 10) -> dict:
-    """Rebuild a processed dataset folder from the review and meta dumps; returns its statistics."""
+    """Rebuild a processed dataset folder from the review and meta dumps; returns its statistics. Its prompt.json
+    gets default_prompt(the category in the reviews file's name), unless the folder already has one (it may have
+    been edited by hand)."""
     titles_by_asin = {}
     for meta in read_records(meta_path):
         title = clean_title(meta.get("title"))
@@ -543,6 +641,9 @@ def build_from_raw(reviews_path, meta_path, out_dir, k_core: int = 5, max_histor
         atomic_write_text(out_dir / f"{name}.csv", "\n".join(lines) + "\n")
     id2name = {str(i): titles_by_asin[asin] for asin, i in item_id.items()}
     atomic_write_text(out_dir / "id2name4Rec.json", json.dumps(id2name, ensure_ascii=False, indent=4))
+    if not (out_dir / PROMPT_FILE).exists():
+        prompt = default_prompt(category_of(reviews_path))
+        atomic_write_text(out_dir / PROMPT_FILE, json.dumps(prompt, ensure_ascii=False, indent=4) + "\n")
     return {"users": len(user_id), "items": len(item_id), "interactions": len(reviews), "windows": len(windows)}
 
 
@@ -568,15 +669,16 @@ def fetch_file(url: str, dest: Path, timeout: float = 30.0) -> int:
 
 
 def download_dataset(config: DataConfig, base_url: str | None = None, timeout: float = 30.0) -> list[str]:
-    """Fetch the dataset's missing files into <data root>/<folder>; files absent from the release are reported."""
+    """Fetch the paper dataset's missing files, <base_url>/<Folder>/<file> for every RELEASE_FILES, into
+    <data root>/<Folder>; files absent from the release are reported."""
     import http.client
     info = dataset_info(config.dataset)
-    folder = Path(config.data_dir or os.environ.get("BEAR_DATA") or "./data") / info.folder
+    folder = resolve_data_root(config.data_dir) / info.folder
     folder.mkdir(parents=True, exist_ok=True)
     base_url = (base_url or os.environ.get("BEAR_DATA_URL") or DEFAULT_DOWNLOAD_URL).rstrip("/")
     log = []
-    for name in info.release_files:
-        dest, url = folder / name, f"{base_url}/{info.remote_folder}/{name}"
+    for name in RELEASE_FILES:
+        dest, url = folder / name, f"{base_url}/{info.folder}/{name}"
         if dest.is_file():
             log.append(f"{dest}: already present")
             continue
@@ -599,10 +701,10 @@ def download_dataset(config: DataConfig, base_url: str | None = None, timeout: f
 
 def print_statistics(config: DataConfig, tokenizer_path: str | None) -> None:
     stats = dataset_statistics(config)
-    paper = TABLE1[config.dataset.lower()]
-    print(f"{dataset_info(config.dataset).folder}: users {stats['users']}, items {stats['items']} "
-          f"({stats['unique_titles']} unique titles), interactions {stats['interactions']}   "
-          f"[paper Table 1: {paper[0]} / {paper[1]} / {paper[2]}]")
+    paper = TABLE1.get(config.dataset.lower())
+    print(f"{stats['name']}: users {stats['users']}, items {stats['items']} "
+          f"({stats['unique_titles']} unique titles), interactions {stats['interactions']}" +
+          (f"   [paper Table 1: {paper[0]} / {paper[1]} / {paper[2]}]" if paper else ""))
     if not stats["complete"]:
         print("  note: not every split's windows are released, so users/interactions count only released windows")
     print("  file rows: " + ", ".join(f"{name} {n}" for name, n in stats["file_rows"].items()))
@@ -635,7 +737,8 @@ def main(argv=None) -> int:
         parser.add_argument("--" + field.name.replace("_", "-"), type=kind, default=default)
     parser.add_argument("--stats", action="store_true", help="print users/items/interactions and the splits")
     parser.add_argument("--tokenizer", help="with --stats: model folder whose tokenizer builds the trie and is checked")
-    parser.add_argument("--download", action="store_true", help="fetch the authors' processed files when missing")
+    parser.add_argument("--download", action="store_true", help="fetch the authors' processed files when missing "
+                        "(office, book, toy, clothing)")
     parser.add_argument("--download-url", help=f"release base URL (default $BEAR_DATA_URL or {DEFAULT_DOWNLOAD_URL})")
     parser.add_argument("--raw-reviews", help="Amazon review dump (2014 reviews_<Cat>_5.json or 2018 .json.gz)")
     parser.add_argument("--raw-meta", help="Amazon meta dump (meta_<Cat>.json or .json.gz)")
@@ -647,11 +750,16 @@ def main(argv=None) -> int:
             if not (args.raw_reviews and args.raw_meta and args.out):
                 raise ValueError("the raw pipeline needs --raw-reviews, --raw-meta and --out")
             print(build_from_raw(args.raw_reviews, args.raw_meta, args.out))
+            name = args.out if args.out.lower() not in DATASETS else os.path.join(".", args.out)  # not a paper name
+            print(f"prompt wording: {Path(args.out) / PROMPT_FILE} (edit it by hand if you like); train with "
+                  f"--dataset {name}")
             return 0
         if not config.dataset:
-            raise ValueError(f"give --dataset (one of {', '.join(DATASETS)})")
-        dataset_info(config.dataset)
+            raise ValueError(f"give --dataset (one of {', '.join(DATASETS)}, or a dataset folder)")
         if args.download:
+            if config.dataset.lower() not in DATASETS:
+                raise ValueError(f"--download fetches the paper datasets ({', '.join(DATASETS)}), not "
+                                 f"{config.dataset!r}")
             print("\n".join(download_dataset(config, args.download_url)))
         if args.stats:
             print_statistics(config, args.tokenizer)

@@ -27,7 +27,7 @@ import torch.distributed as torch_dist
 import beam
 import data
 from lora import load_adapter
-from model import load_model, load_tokenizer
+from model import load_model, load_tokenizer, resolve_model
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 CUTOFFS = (5, 10)  # the K of NDCG@K / HR@K / PR@K (SPEC §5)
@@ -84,27 +84,31 @@ def shard_bounds(count: int, rank: int, world: int) -> tuple[int, int]:
 
 
 class Progress:
-    """A progress line for a long pass: `what: done/total (rate/s, ~time left)`. On a terminal it is redrawn in
-    place; into a log file (stdout not a terminal) it is one line every `every` seconds, so the log stays
-    readable. Silent on ranks other than 0."""
+    """A progress line for a long pass: `what: done/total unit | rate | ~time left`, printed only once the pass
+    has run a few seconds (short passes stay silent). On a terminal it is redrawn in place every second; into a
+    log file (stdout not a terminal) it is one line every `every` seconds, so the log stays readable. Rank 0
+    only. Call it with the number done so far."""
 
     def __init__(self, what: str, total: int, unit: str = "windows", every: float = 30.0, rank: int = 0):
         self.what, self.total, self.unit, self.rank = what, total, unit, rank
         self.tty = sys.stdout.isatty()
         self.every = 1.0 if self.tty else every
         self.start = self.last = time.time()
+        self.shown = False
 
     def __call__(self, done: int) -> None:
         now = time.time()
-        if self.rank != 0 or (now - self.last < self.every and done < self.total):
+        finished = done >= self.total
+        if self.rank != 0 or (now - self.last < self.every and not (finished and self.shown)):
             return
-        self.last = now
+        self.last, self.shown = now, True
         rate = done / max(now - self.start, 1e-9)
         left = (self.total - done) / rate if rate > 0 else 0.0
-        line = (f"{self.what}: {done}/{self.total} {self.unit} | {rate:.2f} {self.unit}/s | "
-                f"~{format_seconds(left)} left")
-        end = "\n" if not self.tty or done >= self.total else ""
-        print(("\r" if self.tty else "") + line, end=end, flush=True)
+        line = f"{self.what}: {done}/{self.total} {self.unit} | {rate:.2f} {self.unit}/s | ~{format_seconds(left)} left"
+        if self.tty:
+            print("\r" + line + ("\n" if finished else ""), end="", flush=True)
+        else:
+            print(line, flush=True)
 
 
 def format_seconds(seconds: float) -> str:
@@ -114,9 +118,11 @@ def format_seconds(seconds: float) -> str:
 
 
 def write_json_atomic(path, obj) -> None:
+    """Write `path` whole or not at all (a .tmp file renamed over it). NaN/inf are refused: they are not JSON."""
     tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
+
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -124,7 +130,7 @@ def write_json_atomic(path, obj) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 def evaluate(model, dataset, tokenizer, trie, examples, beam_config, dist: Distributed, pruning=False,
-             keep_results=False) -> tuple[dict, list]:
+             keep_results=False, label="test") -> tuple[dict, list]:
     """NDCG@K / HR@K (K = 5, 10) of the constrained beam search over `examples`, each rank searching its
     contiguous shard with the plain model and the per-metric sums all-reduced. With `pruning`, also PR@K and
     the violation rate from the exact top-K search. Returns (metrics, this rank's per-example records)."""
@@ -132,8 +138,10 @@ def evaluate(model, dataset, tokenizer, trie, examples, beam_config, dist: Distr
     shard = examples[start:stop]
     targets = [example.target for example in shard]
     prompts = [data.prompt_tokens(dataset.prompt(example), tokenizer) for example in shard]
+    which = "" if dist.world == 1 else " (rank 0's shard)"   # every rank runs its own shard at the same pace
     with torch.no_grad():
-        results = beam.beam_search(model, prompts, trie, tokenizer.eos_id, tokenizer.pad_id, beam_config) \
+        results = beam.beam_search(model, prompts, trie, tokenizer.eos_id, tokenizer.pad_id, beam_config,
+                                   progress=Progress(f"{label} beam search{which}", len(shard), rank=dist.rank)) \
             if shard else []
     ranks = [beam.rank_of(target, returned) for target, returned in zip(targets, results)]  # 0-based or None
     # Sums over this shard (mean x count), all-reduced below: the metric of the whole split on any world size.
@@ -141,7 +149,8 @@ def evaluate(model, dataset, tokenizer, trie, examples, beam_config, dist: Distr
             for name, metric in (("ndcg", beam.ndcg_at), ("hr", beam.hit_at)) for k in CUTOFFS}
     if pruning:
         exact = beam.exact_topk(model, prompts, trie, max(CUTOFFS), tokenizer.eos_id, tokenizer.pad_id,
-                                beam_config) if shard else []
+                                beam_config, progress=Progress(f"{label} exact top-{max(CUTOFFS)}{which}", len(shard),
+                                                               rank=dist.rank)) if shard else []
         pruned = {}
         for k in CUTOFFS:
             eligible, pruned[k] = beam.pruned_positives(targets, results, exact, k)
@@ -185,7 +194,10 @@ def gather_records(records: list, dist: Distributed) -> list:
 class EvalConfig:
     ckpt: str = field(default="", metadata={"help": "a train.py --out folder, or one checkpoint folder in it"})
     split: str = field(default="test", metadata={"help": "which split to rank", "choices": ("test", "valid")})
-    limit: int = field(default=0, metadata={"help": "only the first N windows of the split (0 = all)"})
+    limit: int = field(default=0, metadata={"help": "only the first N windows of the split (0 = all); a partial "
+                                                    "result goes to metrics-<split>-limit<N>.json"})
+    data_dir: str = field(default="", metadata={"help": "data root, if not where the run was trained (default: "
+                                                        "the one recorded in the checkpoint)"})
     pruning: bool = field(default=False, metadata={"help": "add PR@5/10 and the violation rate (exact top-K)"})
     dump: str = field(default="", metadata={"help": "write per-window predictions to this .jsonl file"})
     batch: int = field(default=16, metadata={"help": "users per beam-search pass"})
@@ -202,7 +214,9 @@ def resolve_checkpoint(path: Path) -> Path:
         raise FileNotFoundError(f"--ckpt {path}: no such folder")
     manifest = path / "checkpoint.json"
     if manifest.exists():
-        fields = json.loads(manifest.read_text())
+        fields = data.read_json(manifest)
+        if not isinstance(fields, dict) or not isinstance(fields.get("best", fields.get("last")), str):
+            raise ValueError(f"{manifest}: names no checkpoint folder (no \"last\"); the file is damaged")
         return path / fields.get("best", fields["last"])
     if (path / "adapter_config.json").exists() and (path / "train_config.json").exists():
         return path
@@ -217,17 +231,19 @@ def run_eval(config: EvalConfig, dist: Distributed) -> dict:
         raise ValueError(f"--limit must be >= 0 and --batch >= 1, got {config.limit} and {config.batch}")
     run_dir = Path(config.ckpt)
     checkpoint = resolve_checkpoint(run_dir)
-    trained = json.loads((checkpoint / "train_config.json").read_text())
+    trained = data.read_json(checkpoint / "train_config.json")
     if trained.get("prompt_template", data.PROMPT) != data.PROMPT:
         raise ValueError(f"{checkpoint / 'train_config.json'}: trained with a different prompt template than "
                          f"data.PROMPT; evaluate with the code version that trained it")
-    tokenizer = load_tokenizer(trained["model"])
-    dataset = data.load_dataset(data.DataConfig(dataset=trained["dataset"], data_dir=trained["data_dir"] or None,
+    source = resolve_model(trained["model"], revision=trained.get("model_revision"))  # the weights it trained on
+    tokenizer = load_tokenizer(source.folder)
+    dataset = data.load_dataset(data.DataConfig(dataset=trained["dataset"],
+                                                data_dir=config.data_dir or trained["data_dir"] or None,
                                                 train_samples=trained["train_samples"], seed=trained["seed"]))
     trie = data.build_trie(dataset, tokenizer)
     examples = getattr(dataset, config.split)
     examples = examples[:config.limit] if config.limit else examples
-    model = load_model(trained["model"], dtype=DTYPES[trained["dtype"]], device=dist.device)
+    model = load_model(source.folder, dtype=DTYPES[trained["dtype"]], device=dist.device)
     load_adapter(model, checkpoint)
     model.eval()
     beam_config = beam.BeamConfig(beam_width=trained["beam_width"], batch_size=config.batch,
@@ -235,7 +251,7 @@ def run_eval(config: EvalConfig, dist: Distributed) -> dict:
                                   length_penalty=config.length_penalty)
     started = time.time()
     metrics, records = evaluate(model, dataset, tokenizer, trie, examples, beam_config, dist,
-                                pruning=config.pruning, keep_results=bool(config.dump))
+                                pruning=config.pruning, keep_results=bool(config.dump), label=config.split)
     records = gather_records(records, dist) if config.dump else []
     report = {"checkpoint": checkpoint.name, "split": config.split, **metrics,
               "beam_width": trained["beam_width"], "length_penalty": config.length_penalty,
@@ -246,7 +262,11 @@ def run_eval(config: EvalConfig, dist: Distributed) -> dict:
         names = [name for name in metrics if name != "num_examples"]
         print(" | ".join(f"{name.upper():>8}" for name in names))
         print(" | ".join(f"{metrics[name]:8.4f}" for name in names))
-        write_json_atomic(run_dir / "metrics.json", report)
+        # Only a whole test split is THE result; a quick look (--limit) or the validation split goes beside it.
+        name = "metrics.json" if config.split == "test" and not config.limit else \
+            f"metrics-{config.split}" + (f"-limit{config.limit}" if config.limit else "") + ".json"
+        write_json_atomic(run_dir / name, report)
+        print(f"wrote {run_dir / name}", flush=True)
         if config.dump:
             tmp = Path(config.dump + ".tmp")
             with open(tmp, "w") as f:
@@ -258,13 +278,32 @@ def run_eval(config: EvalConfig, dist: Distributed) -> dict:
 
 def cli_main(main, argv=None, stopped_errors=()) -> int:
     """Run `main(argv)`; a bad input (ValueError / FileNotFoundError) or a stopped run prints one line
-    `error: ...` (on rank 0 only: every rank meets the same bad input) and exits 2 (1 for a stopped run)."""
+    `error: ...` (on rank 0 only: every rank meets the same bad input) and exits 2 (1 for a stopped run); Ctrl-C
+    prints one line and exits 130, the shell's code for SIGINT (files are only ever replaced whole, so nothing
+    half-written is left). Under torchrun the line also goes into the launcher's own failure summary."""
     try:
         return main(argv)
     except (ValueError, FileNotFoundError, *stopped_errors) as err:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)
+        record_for_torchrun(f"error: {err}")
         return 1 if isinstance(err, stopped_errors) else 2
+    except KeyboardInterrupt:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("error: interrupted (Ctrl-C); completed checkpoints and result files are intact", file=sys.stderr,
+                  flush=True)
+        return 130
+
+
+def record_for_torchrun(message: str) -> None:
+    """torchrun prints each failed child's error file (TORCHELASTIC_ERROR_FILE) in its final summary, where a
+    reader looks first; without it the summary says only `error_file: <N/A>` below ~50 lines of launcher
+    traceback. The format is torch.distributed.elastic's (what its @record decorator writes)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path and int(os.environ.get("RANK", "0")) == 0:
+        error = {"message": {"message": message, "extraInfo": {"py_callstack": message,
+                                                                "timestamp": str(int(time.time()))}}}
+        Path(path).write_text(json.dumps(error))
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

@@ -405,7 +405,9 @@ class LlamaForCausalLM(nn.Module):
         positions = (real_before + new_mask.long().cumsum(-1) - 1).masked_fill(~new_mask, 1)  # (B, T)
 
         # RoPE angles in fp32, cos/sin cast to the model dtype (transformers' rounding).
-        freqs = positions[..., None].float() * self.inv_freq.to(device)    # (B, T, D/2)
+        if self.inv_freq.device != device:  # moved once per device (a copy every step would sync the GPU)
+            self.inv_freq = self.inv_freq.to(device)
+        freqs = positions[..., None].float() * self.inv_freq                # (B, T, D/2)
         angles = torch.cat((freqs, freqs), dim=-1)                         # (B, T, D)
         cos, sin = angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]  # (B, 1, T, D)
 
@@ -436,6 +438,59 @@ class LlamaForCausalLM(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- loading
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"   # no token needed, runs on a CPU; the paper: Llama-3.2-3B
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+_HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "original/tokenizer.model"]   # no .bin/.pth/.gguf
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where --model's weights are: `folder` always; `hub_id` and `revision` (the commit) when named by hub id."""
+    folder: str
+    hub_id: str | None = None
+    revision: str | None = None
+
+
+def resolve_model(name: str, revision: str | None = None) -> ModelSource:
+    """--model: a local Hugging Face folder, or a hub id `org/name` (optionally `org/name@revision`).
+
+    A hub id resolves through huggingface_hub (an optional dependency, imported only here): the local cache first,
+    touching no network when the files are there, else a download (gated models use the user's HF token as
+    usual). `revision` (a run's recorded commit) pins the weights a resumed run or eval.py must use."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return ModelSource(str(path.resolve()))
+    repo_id, _, pinned = name.partition("@")
+    revision = revision or pinned or None
+    if not _HUB_ID.fullmatch(repo_id) or name.startswith(("/", ".", "~")):
+        raise FileNotFoundError(f"--model {name}: no such folder, and not a hub id (org/name or org/name@revision)")
+    try:
+        import huggingface_hub
+        from huggingface_hub import errors
+    except ImportError:
+        raise ValueError(f"--model {name} is not a local folder but a hub id: pip install huggingface_hub to fetch "
+                         f"it, or give --model DIR (a Hugging Face folder)") from None
+    try:   # the cache alone: no request is made when the snapshot is there
+        folder = huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_FILES,
+                                                   local_files_only=True)
+    except (errors.LocalEntryNotFoundError, errors.HFValidationError, OSError):
+        try:
+            folder = huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_FILES)
+        except errors.GatedRepoError:
+            raise ValueError(f"--model {repo_id} is gated: accept its licence on huggingface.co, then "
+                             f"`huggingface-cli login` (or set $HF_TOKEN); or give --model DIR") from None
+        except errors.RepositoryNotFoundError:
+            raise ValueError(f"--model {repo_id}: no such model on the hub (a private one needs "
+                             f"`huggingface-cli login`); or give --model DIR") from None
+        except errors.RevisionNotFoundError:
+            raise ValueError(f"--model {name}: the hub has no revision {revision!r} of {repo_id}") from None
+        except (errors.LocalEntryNotFoundError, errors.HFValidationError, errors.HfHubHTTPError, OSError) as err:
+            reason = "$HF_HUB_OFFLINE is set" if huggingface_hub.constants.HF_HUB_OFFLINE else type(err).__name__
+            raise ValueError(f"--model {name}: not in the local Hugging Face cache and the hub cannot be reached "
+                             f"({reason}); run `huggingface-cli download {repo_id}` where online, or give "
+                             f"--model DIR") from None
+    return ModelSource(str(folder), repo_id, Path(folder).name)   # snapshots/<commit>
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,

@@ -28,6 +28,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import shutil
 import sys
 import time
@@ -40,10 +41,10 @@ import torch
 import data
 import loss as losses
 from beam import BeamConfig, prefix_thresholds
-from eval import (DTYPES, Distributed, all_reduce_sum, build_parser, cli_main, evaluate, format_seconds,
+from eval import (DTYPES, Distributed, Progress, all_reduce_sum, build_parser, cli_main, evaluate, format_seconds,
                   init_distributed, shard_bounds, write_json_atomic)
 from lora import LoraConfig, apply_lora, load_adapter, save_adapter
-from model import load_model, load_tokenizer
+from model import DEFAULT_MODEL, ModelSource, load_model, load_tokenizer, resolve_model
 
 LOSSES = ("sft", "msl", "bear", "obj31")
 CONFIG_FILE = "train_config.json"  # the run's TrainConfig, in --out and in every checkpoint folder
@@ -54,9 +55,12 @@ LOG_FILE = "log.jsonl"
 
 @dataclass
 class TrainConfig:
-    dataset: str = field(default="", metadata={"help": "office | book | toy | clothing (required)"})
+    dataset: str = field(default="", metadata={"help": "office | book | toy | clothing, or the path of a dataset "
+                                                       "folder of your own (required)"})
     loss: str = field(default="bear", metadata={"help": "training objective (SPEC §3)", "choices": LOSSES})
-    model: str = field(default="", metadata={"help": "base model folder, Hugging Face Llama format (required)"})
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "base model: a Hugging Face Llama folder, or a hub "
+                                                                "id org/name[@revision] (needs huggingface_hub; "
+                                                                "read from the local cache when there)"})
     out: str = field(default="out", metadata={"help": "checkpoint folder"})
     epochs: int = field(default=10, metadata={"help": "passes over the training sample"})
     global_batch: int = field(default=128, metadata={"help": "windows per optimizer step, over all processes"})
@@ -118,19 +122,21 @@ def parse_config(argv) -> tuple[TrainConfig, set[str]]:
     for action in parser._actions:  # a second parse with no defaults tells which flags were typed
         action.default = argparse.SUPPRESS
     given = set(vars(parser.parse_args(argv)))
-    # Absolute paths, so that eval.py and --resume find the model and data from any working directory.
-    if config.model:
-        config.model = str(Path(config.model).resolve())
-    if config.data_dir:
-        config.data_dir = str(Path(config.data_dir).resolve())
+    # Absolute paths, so that eval.py and --resume find the model and data from any working directory and shell
+    # (the data root given by $BEAR_DATA is recorded too). A hub id stays as typed; train() records its commit.
+    if config.model and Path(config.model).expanduser().is_dir():
+        config.model = str(Path(config.model).expanduser().resolve())
+    config.data_dir = str(Path(config.data_dir or os.environ.get("BEAR_DATA") or "data").expanduser().resolve())
+    if config.dataset.lower() not in data.DATASETS and Path(config.dataset).expanduser().is_dir():
+        config.dataset = str(Path(config.dataset).expanduser().resolve())  # a dataset folder of your own
     return config, given
 
 
 def check_config(config: TrainConfig) -> None:
     if not config.dataset:
-        raise ValueError("--dataset is required (office, book, toy or clothing)")
+        raise ValueError("--dataset is required (office, book, toy, clothing, or a dataset folder)")
     if not config.model:
-        raise ValueError("--model is required (a Hugging Face Llama folder)")
+        raise ValueError("--model must name a Hugging Face Llama folder or a hub id")
     positive = ["epochs", "global_batch", "micro_batch", "lora_r", "beam_width", "eval_batch"]
     for name in positive:
         if getattr(config, name) < 1:
@@ -138,8 +144,14 @@ def check_config(config: TrainConfig) -> None:
     for name in ["warmup_steps", "save_every", "max_steps", "limit", "valid_limit", "max_grad_norm", "train_samples"]:
         if getattr(config, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
-    if not (config.lr > 0 and config.xi > 0 and config.tau > 0):
-        raise ValueError(f"--lr, --xi and --tau must be > 0, got {config.lr}, {config.xi}, {config.tau}")
+    for name in ["lr", "xi", "tau", "lam", "max_grad_norm", "lora_dropout"]:   # "inf" and "nan" parse as floats
+        if not math.isfinite(getattr(config, name)):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(config, name)}")
+    for name in ["lr", "xi", "tau"]:
+        if not getattr(config, name) > 0:
+            raise ValueError(f"--{name} must be > 0, got {getattr(config, name)}")
+    if config.lam < 0:  # it would reward pushing positive tokens OUT of the top-B, the opposite of eq. 3.4
+        raise ValueError(f"--lam must be >= 0 (0 = the base loss alone), got {config.lam}")
     if config.base == "sft" and config.tau != 1.0:
         raise ValueError(f"--tau {config.tau} applies only to the MSL base (--base msl)")
     if config.loss != "bear" and (config.surrogate != "paper" or config.normalize != "tokens"):
@@ -184,14 +196,39 @@ def prepare_out_dir(config: TrainConfig, given: set[str], dist: Distributed) -> 
     return resumed
 
 
-def config_record(config: TrainConfig) -> dict:
-    """What train_config.json holds: the flags, plus the prompt template eval.py checks against."""
-    return {**dataclasses.asdict(config), "prompt_template": data.PROMPT}
+def fetch_on_first_use(config: TrainConfig, dist: Distributed) -> None:
+    """A paper dataset whose folder is missing from the data root: fetch the authors' release into it (rank 0,
+    the others wait), or, offline, one line on how to point at the data; a failed fetch leaves no folder."""
+    if config.dataset.lower() not in data.DATASETS:
+        return
+    folder = Path(config.data_dir) / data.DATASETS[config.dataset.lower()].folder
+    if dist.rank == 0 and not folder.exists():
+        created = [path for path in (folder.parent, folder) if not path.exists()]
+        print(f"{folder} is missing: fetching the authors' release (python data.py --download)", flush=True)
+        try:
+            for line in data.download_dataset(data.DataConfig(dataset=config.dataset, data_dir=config.data_dir)):
+                print(line, flush=True)
+        except ConnectionError as err:
+            for path in reversed(created):
+                shutil.rmtree(path, ignore_errors=True)
+            raise ValueError(f"missing dataset folder {folder}, and fetching it failed ({err}); point --data-dir or "
+                             f"$BEAR_DATA at the folder that holds {folder.name}/") from None
+    dist.barrier()
+
+
+def config_record(config: TrainConfig, source: ModelSource) -> dict:
+    """What train_config.json holds: the flags, the weights actually used (folder, and the commit of a hub id, so
+    that eval.py and --resume load the same ones), and the prompt template eval.py checks against."""
+    return {**dataclasses.asdict(config), "model_folder": source.folder, "model_revision": source.revision,
+            "prompt_template": data.PROMPT}
 
 
 def read_config(path: Path) -> TrainConfig:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in json.loads(path.read_text()).items() if k in names})
+    saved = data.read_json(path)
+    if not isinstance(saved, dict) or not {"dataset", "loss", "model"} <= set(saved):
+        raise ValueError(f"{path}: not a train.py config; the file is damaged")
+    return TrainConfig(**{k: v for k, v in saved.items() if k in names})
 
 
 def remove_run(out: Path) -> None:
@@ -205,10 +242,26 @@ def remove_run(out: Path) -> None:
 
 def read_manifest(out: Path) -> dict | None:
     path = out / MANIFEST_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    manifest = data.read_json(path)
+    if not isinstance(manifest, dict) or not (out / str(manifest.get("last"))).is_dir():
+        raise ValueError(f"{path}: names no checkpoint folder of {out}; the file is damaged")
+    return manifest
 
 
-def save_checkpoint(out: Path, model, config: TrainConfig, state: dict, manifest: dict) -> dict:
+def read_state(checkpoint: Path) -> dict:
+    path = checkpoint / STATE_FILE
+    try:
+        # On the CPU, as a fresh run's AdamW step counters are; load_state_dict moves the moments to the params.
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+        raise ValueError(f"{path}: cannot be read ({str(err).splitlines()[0]}); the checkpoint is damaged: "
+                         f"start again with --overwrite, or restore the file") from None
+
+
+def save_checkpoint(out: Path, model, config: TrainConfig, source: ModelSource, state: dict,
+                    manifest: dict) -> dict:
     """Write the checkpoint of `state["step"]` into a temporary folder, rename it into place, then replace the
     manifest. A kill at any moment leaves the manifest naming complete folders only: the previous checkpoint
     until the new manifest has been renamed over it, the new one after."""
@@ -219,7 +272,7 @@ def save_checkpoint(out: Path, model, config: TrainConfig, state: dict, manifest
             shutil.rmtree(stale)
     save_adapter(model, lora_config(config), tmp, base_model_path=config.model)  # PEFT format
     torch.save(state, tmp / STATE_FILE)
-    write_json_atomic(tmp / CONFIG_FILE, config_record(config))
+    write_json_atomic(tmp / CONFIG_FILE, config_record(config, source))
     os.rename(tmp, final)
     manifest = {**manifest, "last": name, "step": state["step"]}
     if state["best_step"] == state["step"]:
@@ -325,8 +378,16 @@ def train(config: TrainConfig, given: set[str], dist: Distributed) -> dict:
     out = Path(config.out)
     dtype = DTYPES[config.dtype]
 
-    # Everything that can fail on a bad input is loaded before anything is written.
-    tokenizer = load_tokenizer(config.model)
+    # Everything that can fail on a bad input is loaded before anything is written. A resumed run uses the very
+    # weights it started with (a hub id's recorded commit).
+    saved_revision = data.read_json(out / CONFIG_FILE).get("model_revision") \
+        if config.resume and (out / CONFIG_FILE).exists() else None
+    source = resolve_model(config.model, revision=saved_revision)
+    if dist.rank == 0:
+        print(f"model: {config.model}" + (f" (revision {source.revision}, {source.folder})" if source.hub_id else ""),
+              flush=True)
+    tokenizer = load_tokenizer(source.folder)
+    fetch_on_first_use(config, dist)
     dataset = data.load_dataset(data.DataConfig(dataset=config.dataset, data_dir=config.data_dir or None,
                                                 train_samples=config.train_samples, seed=config.seed))
     trie = data.build_trie(dataset, tokenizer)
@@ -338,7 +399,7 @@ def train(config: TrainConfig, given: set[str], dist: Distributed) -> dict:
     if dist.world > len(train_examples):
         raise ValueError(f"{dist.world} processes but only {len(train_examples)} training windows: "
                          f"use at most {len(train_examples)} processes (or a larger --limit)")
-    model = load_model(config.model, dtype=dtype, device=dist.device)
+    model = load_model(source.folder, dtype=dtype, device=dist.device)
     torch.manual_seed(config.seed)  # the same LoRA init on every rank
     apply_lora(model, lora_config(config))
     params = [param for _, param in sorted(model.named_parameters()) if param.requires_grad]  # LoRA A, B (fp32)
@@ -358,7 +419,7 @@ def train(config: TrainConfig, given: set[str], dist: Distributed) -> dict:
     if manifest:
         checkpoint = out / manifest["last"]
         load_adapter(model, checkpoint)
-        state = torch.load(checkpoint / STATE_FILE, map_location=dist.device, weights_only=False)
+        state = read_state(checkpoint)
         optimizer.load_state_dict(state["optimizer"])
         if dist.rank == 0:
             print(f"resuming {out} from step {state['step']} ({checkpoint.name})", flush=True)
@@ -366,7 +427,7 @@ def train(config: TrainConfig, given: set[str], dist: Distributed) -> dict:
         if config.overwrite:
             remove_run(out)
         out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / CONFIG_FILE, config_record(config))
+        write_json_atomic(out / CONFIG_FILE, config_record(config, source))
         if (out / LOG_FILE).exists():  # drop what a killed run logged after its last checkpoint
             os.truncate(out / LOG_FILE, state["log_bytes"])
         delete_unreferenced_checkpoints(out, manifest or {})
@@ -400,6 +461,8 @@ def train(config: TrainConfig, given: set[str], dist: Distributed) -> dict:
         step_start = time.time()
         reseed_dropout(config.seed, step, dist.rank)
         loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
+        progress = Progress(f"step {step + 1}/{total_steps}" + (" (rank 0's share)" if dist.world > 1 else ""),
+                            len(my_batch), rank=dist.rank)  # a global batch of 128 takes minutes on a CPU
         for first in range(0, len(my_batch), config.micro_batch):
             indices = my_batch[first:first + config.micro_batch]
             for i in indices:
@@ -407,7 +470,8 @@ def train(config: TrainConfig, given: set[str], dist: Distributed) -> dict:
                     encoded[i] = data.encode_examples([train_examples[i]], dataset, tokenizer, trie)[0]
             micro = [encoded[i] for i in indices]
             batch = data.collate_train(micro, tokenizer.pad_id)
-            batch = {k: v.to(dist.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = {k: v.to(dist.device) if torch.is_tensor(v) and k != "label_nodes" else v  # nodes: trie, CPU
+                     for k, v in batch.items()}
             weight_sums = [] if config.normalize == "authors" else None
             per_position = label_position_losses(model, batch, micro, trie, config, tokenizer, weight_sums)  # (n,)
             # Divide by the GLOBAL label count: summed over micro-batches and ranks this is the batch mean.
@@ -415,6 +479,7 @@ def train(config: TrainConfig, given: set[str], dist: Distributed) -> dict:
                 (weight_sums[0] + 1e-8) * global_micro_batches  # the authors' 1e-8
             (per_position.sum() / divisor).backward()
             loss_sum += per_position.detach().sum().double() * (global_label_tokens / divisor)
+            progress(first + len(indices))
 
         # Sum gradients (and the loss) over ranks: one all-reduce of the flattened LoRA gradients.
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
@@ -439,7 +504,7 @@ def train(config: TrainConfig, given: set[str], dist: Distributed) -> dict:
         if dist.rank == 0:
             record = {"step": step, "epoch": epoch + 1, "loss": batch_loss, "lr": lr, "grad_norm": grad_norm,
                       "label_tokens": global_label_tokens, "tokens_per_s": global_label_tokens / seconds}
-            log.write(json.dumps(record) + "\n")
+            log.write(json.dumps(record, allow_nan=False) + "\n")
             log.flush()
             rate = (time.time() - start_time) / (step - start_step)
             print(f"step {step}/{total_steps} | epoch {epoch + 1} | loss {batch_loss:.4f} | lr {lr:.2e} | "
@@ -450,14 +515,15 @@ def train(config: TrainConfig, given: set[str], dist: Distributed) -> dict:
         if end_of_epoch:
             model.eval()
             valid_start = time.time()
-            metrics, _ = evaluate(model, dataset, tokenizer, trie, valid_examples, beam_config, dist)
+            metrics, _ = evaluate(model, dataset, tokenizer, trie, valid_examples, beam_config, dist,
+                                  label=f"epoch {epoch + 1} validation")
             model.train()
             record = {"epoch": epoch + 1, "step": step, "valid": metrics, "valid_s": time.time() - valid_start}
             state["epochs"].append(record)
             if state["best_metric"] is None or metrics["ndcg@10"] > state["best_metric"]:
                 state["best_metric"], state["best_step"] = metrics["ndcg@10"], step
             if dist.rank == 0:
-                log.write(json.dumps(record) + "\n")
+                log.write(json.dumps(record, allow_nan=False) + "\n")
                 log.flush()
                 print(f"epoch {epoch + 1}: valid NDCG@10 {metrics['ndcg@10']:.4f} HR@10 {metrics['hr@10']:.4f} "
                       f"({metrics['num_examples']} windows, {record['valid_s']:.0f} s)", flush=True)
@@ -465,7 +531,7 @@ def train(config: TrainConfig, given: set[str], dist: Distributed) -> dict:
             if dist.rank == 0:
                 state["optimizer"] = optimizer.state_dict()
                 state["log_bytes"] = log.tell()
-                manifest = save_checkpoint(out, model, config, state, manifest)
+                manifest = save_checkpoint(out, model, config, source, state, manifest)
                 del state["optimizer"]
             dist.barrier()  # nobody runs ahead of a checkpoint that may yet fail to write
     if log:

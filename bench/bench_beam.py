@@ -88,39 +88,47 @@ def main():
         topk_benchmark(args, ours, trie, tokenizer, prompts)
 
 
+def transformers_constrained_search(hf, prompts, trie, tokenizer, width, batch_size, max_new_tokens):
+    """transformers' stock constrained beam search, as a user of transformers would run it: `generate(num_beams=B)`
+    on `batch_size` users at a time (each prompt prefilled B times), driven by tests/test_beam.py's memoised trie
+    processor (masking before the softmax). Returns per user [(frozenset of item ids, score)], best first, like
+    beam.beam_search; placeholder hypotheses (scored about -1e9 when fewer than B items are reachable) are dropped."""
+    from test_beam import TrieLogitsProcessor  # the oracle's memoised trie processor (imports transformers)
+    results = []
+    for i in range(0, len(prompts), batch_size):
+        batch = prompts[i:i + batch_size]
+        input_ids, attention_mask = data.collate_prompts(batch, tokenizer.pad_id)
+        processor = TrieLogitsProcessor(trie, input_ids.shape[1], mask_before=True)
+        out = hf.generate(input_ids=input_ids.to(hf.device), attention_mask=attention_mask.to(hf.device),
+                          num_beams=width, num_return_sequences=width, length_penalty=0.0, do_sample=False,
+                          max_new_tokens=max_new_tokens, logits_processor=[processor], eos_token_id=tokenizer.eos_id,
+                          pad_token_id=tokenizer.pad_id, return_dict_in_generate=True, output_scores=True)
+        for user in range(len(batch)):
+            result = []
+            for seq, score in zip(out.sequences[user * width:(user + 1) * width].tolist(),
+                                  out.sequences_scores[user * width:(user + 1) * width].tolist()):
+                generated = tuple(seq[input_ids.shape[1]:])
+                if score > -1e6:
+                    result.append((trie.leaf_items[processor.node(generated[:generated.index(tokenizer.eos_id) + 1])],
+                                   float(score)))
+            results.append(result)
+    return results
+
+
 def search_benchmark(args, ours, hf, trie, tokenizer, prompts, width, longest):
-    from test_beam import TrieLogitsProcessor  # the oracle's memoised trie processor
     start, cpu_start = time.perf_counter(), time.process_time()
     found = beam.beam_search(ours, prompts, trie, tokenizer.eos_id, tokenizer.pad_id,
                              beam.BeamConfig(beam_width=width, batch_size=args.batch_size))
     ours_s, ours_cpu = time.perf_counter() - start, time.process_time() - cpu_start
 
     start, cpu_start = time.perf_counter(), time.process_time()
-    expected = []
-    for i in range(0, len(prompts), args.batch_size):  # stock generate: B copies of every prompt are prefilled
-        batch = prompts[i:i + args.batch_size]
-        input_ids, attention_mask = data.collate_prompts(batch, tokenizer.pad_id)
-        processor = TrieLogitsProcessor(trie, input_ids.shape[1], mask_before=True)
-        out = hf.generate(input_ids=input_ids, attention_mask=attention_mask, num_beams=width,
-                          num_return_sequences=width, length_penalty=0.0, do_sample=False,
-                          max_new_tokens=longest + 1, logits_processor=[processor], eos_token_id=tokenizer.eos_id,
-                          pad_token_id=tokenizer.pad_id, return_dict_in_generate=True, output_scores=True)
-        for user in range(len(batch)):
-            result = []
-            for seq, score in zip(out.sequences[user * width:(user + 1) * width],
-                                  out.sequences_scores[user * width:(user + 1) * width]):
-                generated = tuple(seq[input_ids.shape[1]:].tolist())
-                if score > -1e6:
-                    result.append((trie.leaf_items[processor.node(generated[:generated.index(tokenizer.eos_id) + 1])],
-                                   float(score)))
-            expected.append(result)
+    expected = transformers_constrained_search(hf, prompts, trie, tokenizer, width, args.batch_size, longest + 1)
     hf_s, hf_cpu = time.perf_counter() - start, time.process_time() - cpu_start
     same_items = sum([i for i, _ in f] == [i for i, _ in e] for f, e in zip(found, expected))
     print(f"beam search: ours {len(prompts) / ours_s:.3f} users/s ({ours_s:.1f} s), transformers generate "
           f"{len(prompts) / hf_s:.3f} users/s ({hf_s:.1f} s): {hf_s / ours_s:.2f}x (CPU time: ours {ours_cpu:.1f} s, "
           f"transformers {hf_cpu:.1f} s: {hf_cpu / ours_cpu:.2f}x); identical item lists "
           f"{same_items}/{len(prompts)} (bf16: different batch shapes round differently, so near-ties can swap)")
-
 
 
 def topk_benchmark(args, ours, trie, tokenizer, prompts):

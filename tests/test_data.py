@@ -5,6 +5,7 @@ import gzip
 import http.server
 import json
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -115,8 +116,7 @@ def test_data_root_resolution(tmp_path, monkeypatch):
     assert data.resolve_data_root(None) == env
     monkeypatch.delenv("BEAR_DATA")
     assert data.resolve_data_root(None).resolve() == (cwd / "data").resolve()
-    with pytest.raises(FileNotFoundError, match="data root .*nowhere does not exist"):
-        data.resolve_data_root(str(tmp_path / "nowhere"))
+    assert data.resolve_data_root(str(tmp_path / "nowhere")) == tmp_path / "nowhere"   # --download creates it
 
 
 def test_office_statistics_equal_table_1(data_root):
@@ -175,6 +175,34 @@ def test_toy_uses_the_released_train_5000_as_is(load, data_root):
     assert as_rows(dataset.valid) == read_csv_rows(data_root / "Toy" / "valid.csv")   # extra columns ignored
 
 
+def test_training_pool_is_train_csv_else_the_smallest_sample_file_that_covers_n(tmp_path):
+    """The documented order: train.csv (sampled with the seed) when the folder has it (the authors' release does
+    for all four datasets), else the smallest train_<N>.csv with N >= n, else the largest one."""
+    folder = tmp_path / "Toy"
+    folder.mkdir()
+    (folder / "id2name4Rec.json").write_text(json.dumps({str(i): f"Toy {i}" for i in range(1, 41)}))
+    full = [(u, (u, u + 1), 100 + u) for u in range(1, 40)]
+    order = np.random.RandomState(42).permutation(len(full))
+
+    def write(name, rows):
+        lines = ["user_id,item_ids,timestamp"] + [f'{u},"{list(items)}",{t}' for u, items, t in rows]
+        (folder / name).write_text("\n".join(lines) + "\n")
+    write("train.csv", full)
+    write("valid.csv", full[:3])
+    write("test.csv", full[:3])
+    write("train_10.csv", [full[i] for i in order[:10]])
+    write("train_20.csv", [full[i] for i in order[:20]])
+    write("train_old.csv", full[:1])              # not a sample file: ignored
+    load = lambda n: data.load_dataset(data.DataConfig("toy", data_dir=str(tmp_path), train_samples=n))  # noqa: E731
+    assert as_rows(load(15).train) == [full[i] for i in order[:15]] and load(15).notes == []
+    (folder / "train.csv").unlink()
+    for n, source, rows in [(8, "train_10.csv", 8), (15, "train_20.csv", 15), (30, "train_20.csv", 20),
+                            (0, "train_20.csv", 20)]:
+        dataset = load(n)
+        assert as_rows(dataset.train) == [full[i] for i in order[:rows]]
+        assert f"no train.csv; using {source} as is" in dataset.notes[0]
+
+
 def test_titles_keep_html_entities(load, data_root):
     with open(data_root / "Toy" / "id2name4Rec.json") as f:
         raw = json.load(f)
@@ -231,15 +259,48 @@ def test_title_with_a_literal_quote_is_rejected(tmp_path):
         load_office(root)
 
 
+@pytest.mark.parametrize("case", ["corrupt", "not utf-8", "a list", "a number as title", "a key that is no id",
+                                  "a padded id"])
+def test_bad_id2name4rec_json_is_one_line_naming_the_file(case, tmp_path, capsys):
+    root = make_root(tmp_path, 'user_id,item_ids,timestamp\n1,"[1, 2]",5\n')
+    path = root / "Office" / "id2name4Rec.json"
+    # "corrupt" is a file cut short: json's message alone (no file name) was all the CLI used to print.
+    text, expected = {
+        "corrupt": ('{\n    "1": "A",\n    "2": "B",\n    "3": "C",\n    "4": "Desk', r"not valid JSON \(Unterminated "
+                                                                           r"string starting at: line 5 column 10"),
+        "not utf-8": ('{"1": "caf\xe9"}', "not valid JSON .*utf-8"),
+        "a list": ('["A", "B", "C"]', r'want a JSON object \{"<item id>": "<title>", ...\}, got a list'),
+        "a number as title": ('{"1": "A", "2": 2, "3": "C"}', "title of item 2 is not a string: 2"),
+        "a key that is no id": ('{"1": "A", "two": "B", "3": "C"}', "key 'two' is not an item id"),
+        "a padded id": ('{"1": "A", "02": "B", "3": "C"}', "key '02' is not an item id"),
+    }[case]
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: {expected}"):
+        load_office(root)
+    # The CLI: `error: <path>: ...` on one line, exit status 2.
+    assert data.main(["--dataset", "office", "--data-dir", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: ") and err.count("\n") == 1
+
+
 def test_empty_history_is_rejected(tmp_path):
     root = make_root(tmp_path, 'user_id,item_ids,timestamp\n1,"[1, 2]",5\n1,"[3]",6\n')
     with pytest.raises(ValueError, match=r"train\.csv:3: empty history"):
         load_office(root)
 
 
-def test_missing_dataset_folder_and_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing dataset folder .*Office"):
-        load_office(tmp_path)
+def test_missing_dataset_folder_and_file(tmp_path, monkeypatch):
+    # One line that says how to point at the data or fetch it, whether the root or only the folder is missing.
+    monkeypatch.delenv("BEAR_DATA", raising=False)
+    for root in (tmp_path, tmp_path / "nowhere"):
+        with pytest.raises(FileNotFoundError, match="missing dataset folder .*Office") as error:
+            load_office(root)
+        message = str(error.value)
+        assert "\n" not in message and "--data-dir" in message and "$BEAR_DATA" in message
+        assert f"python data.py --dataset office --download --data-dir {root}" in message
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"data/Toy: .*fetch it: python data.py --dataset toy --download$"):
+        data.load_dataset(data.DataConfig("Toy"))
     root = make_root(tmp_path, 'user_id,item_ids,timestamp\n1,"[1, 2]",5\n')
     (root / "Office" / "test.csv").unlink()
     with pytest.raises(FileNotFoundError, match=r"missing file .*test\.csv"):
@@ -249,8 +310,8 @@ def test_missing_dataset_folder_and_file(tmp_path):
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     result = subprocess.run([sys.executable, str(REPO / "data.py"), "--dataset", "movies"], capture_output=True,
                             text=True)
-    assert result.returncode == 2 and result.stderr == f"error: unknown dataset 'movies'; valid datasets: " \
-        "office, book, toy, clothing\n"
+    assert result.returncode == 2 and result.stderr == "error: unknown dataset 'movies'; valid datasets: office, " \
+        "book, toy, clothing, or the path of a dataset folder (id2name4Rec.json, train.csv, test.csv, prompt.json)\n"
     for args in (["--dataset", "office", "--data-dir", str(tmp_path / "none"), "--stats"],
                  ["--raw-reviews", str(tmp_path / "r.json"), "--raw-meta", str(tmp_path / "m.json"), "--out", "x"]):
         assert data.main(args) == 2
@@ -544,24 +605,49 @@ def release_server():
 
 
 def test_download_is_atomic_and_reports_missing_and_offline(tmp_path, release_server):
+    assert data.DEFAULT_DOWNLOAD_URL == "https://raw.githubusercontent.com/Tiny-Snow/BEAR-SIGIR-2026/main/data"
+    # The authors' release layout, <url>/<Folder>/<file>; this one lacks train_10000.csv.
     csv_text = b"user_id,item_ids,timestamp\n" + b"".join(b'1,"[1, 2]",%d\n' % t for t in range(5000))
-    ReleaseHandler.files = {"/Office/id2name4Rec.json": b'{"1": "A", "2": "B"}', "/Office/train.csv": csv_text,
-                            "/Office/valid.csv": csv_text, "/Office/test.csv": csv_text, "/mode": b"cut"}
+    ReleaseHandler.files = {"/Toy/id2name4Rec.json": b'{"1": "A", "2": "B"}', "/Toy/train.csv": csv_text,
+                            "/Toy/test.csv": csv_text, "/mode": b"cut"}
     url = f"http://127.0.0.1:{release_server.server_address[1]}"
-    config = data.DataConfig("office", data_dir=str(tmp_path))
+    config = data.DataConfig("toy", data_dir=str(tmp_path), train_samples=100)
     with pytest.raises(ConnectionError, match="test.csv"):
         data.download_dataset(config, url, timeout=10)
-    folder = tmp_path / "Office"
+    folder = tmp_path / "Toy"
     assert not (folder / "test.csv").exists() and not list(folder.glob("*.tmp"))
     assert (folder / "train.csv").read_bytes() == csv_text           # completed files stay
     ReleaseHandler.files["/mode"] = b"whole"
-    log = data.download_dataset(config, url, timeout=10)
+    assert data.main(["--dataset", "toy", "--download", "--download-url", url, "--data-dir", str(tmp_path)]) == 0
     assert (folder / "test.csv").read_bytes() == csv_text
+    log = data.download_dataset(config, url, timeout=10)
     assert any("train_10000.csv: not in the release" in line for line in log)
     assert any("train.csv: already present" in line for line in log)
+    # What the release gives loads: the full train.csv is sampled, valid is its chronologically last 1/9.
+    dataset = data.load_dataset(config)
+    assert len(dataset.valid) == 5000 // 9 and len(dataset.train) < 100
+    assert any("no valid.csv; valid = the chronologically last 1/9 of train.csv" in n for n in dataset.notes)
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     port = closed.getsockname()[1]
     closed.close()
     with pytest.raises(ConnectionError, match="offline"):
         data.download_dataset(data.DataConfig("book", data_dir=str(tmp_path)), f"http://127.0.0.1:{port}", timeout=5)
+
+
+def test_trie_children_are_distinct_and_sorted():
+    # The masked losses count a repeated (row, token) pair of valid_next twice, so a node's children must be
+    # distinct tokens; build() guarantees it and the constructor checks it once (not every loss call).
+    eos = 9
+    trie = data.ItemTrie.build({1: [5, 6, eos], 2: [5, 6, 7, eos], 3: [4, eos]}, eos)
+    rest = (trie.leaf_items, trie.item_tokens, trie._item_path_ptr, trie._item_path_nodes, trie._item_row)
+    child_ptr = trie.child_ptr.clone()
+    child_ptr[1:] += 1                                                    # the root gets one more edge ...
+    repeated = torch.cat([trie.child_token[:1], trie.child_token])       # ... repeating its first child's token
+    with pytest.raises(ValueError, match="duplicates"):
+        data.ItemTrie(child_ptr, repeated, torch.cat([trie.child_node[:1], trie.child_node]), *rest)
+    swapped = trie.child_token.clone()
+    swapped[[0, 1]] = swapped[[1, 0]]                                     # the root's children out of order
+    with pytest.raises(ValueError, match="sorted"):
+        data.ItemTrie(trie.child_ptr, swapped, trie.child_node, *rest)
+    data.ItemTrie(trie.child_ptr, trie.child_token, trie.child_node, *rest)  # build()'s own arrays pass

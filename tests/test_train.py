@@ -282,7 +282,7 @@ def test_bad_inputs_give_one_error_line_and_write_nothing(case, tmp_path, tiny_l
     expected = {
         "unknown loss": "error: argument --loss: invalid choice: 'dpo'",
         "unknown dataset": "error: unknown dataset 'movies'",
-        "no model": "error: --model is required",
+        "no model": "error: --model must name a Hugging Face Llama folder or a hub id",
         "missing model folder": "error: ",
         "zero batch": "error: --micro-batch must be >= 1, got 0",
         "resume and overwrite": "error: --resume and --overwrite exclude each other",
@@ -294,7 +294,7 @@ def test_bad_inputs_give_one_error_line_and_write_nothing(case, tmp_path, tiny_l
     elif case == "unknown dataset":
         argv += ["--dataset", "movies"]
     elif case == "no model":
-        argv = argv[2:]
+        argv += ["--model", ""]
     elif case == "missing model folder":
         argv += ["--model", str(tmp_path / "nowhere")]
     elif case == "zero batch":
