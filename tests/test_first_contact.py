@@ -191,3 +191,15 @@ def test_a_missing_paper_dataset_is_fetched_or_explained_in_one_line(tmp_path, t
     one_error_line(result, f"missing dataset folder {root / 'Toy'}, and fetching it failed")
     assert "point --data-dir or $BEAR_DATA at the folder that holds Toy/" in result.stderr
     assert not root.exists() and not out.exists()
+
+
+def test_under_torchrun_the_error_line_is_in_the_launchers_summary(tmp_path, tiny_llama, office_slice):
+    """torchrun ends with its own ~50 lines; the child's one `error:` line is repeated in its Root Cause box."""
+    out = tmp_path / "run"
+    result = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+                  *train_argv(tiny_llama, office_slice, out), "--lam", "-1"])
+    assert result.returncode != 0
+    assert result.stderr.count("error: --lam must be >= 0") == 2, result.stderr[-3000:]  # the line, the summary
+    summary = result.stderr[result.stderr.index("Root Cause"):]
+    assert "traceback : error: --lam must be >= 0 (0 = the base loss alone), got -1.0" in summary
+    assert not out.exists()
