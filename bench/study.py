@@ -144,21 +144,24 @@ def drop_adapters(runs: list[dict], chosen: dict) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 def popularity_unit(preset: Preset, results: Path) -> None:
-    """Rank the B most frequent targets of the WHOLE training split (ties by item id) for every test user."""
+    """Rank the B most frequent targets of the WHOLE training split (ties by item id) for every user, on the test
+    split and on the validation windows the training runs are selected on (the floor they must clear there)."""
     import data
-    dest = results / "test" / "popularity"
-    if dest.exists():
-        return print(f"skip test/popularity (done: {dest})", flush=True)
-    started = time.time()
-    dataset = data.load_dataset(data.DataConfig(dataset=preset.dataset, data_dir=preset.data_dir,
-                                                train_samples=0, seed=preset.seed))
-    counts = Counter(example.target for example in dataset.train)
-    top = sorted(counts, key=lambda item: (-counts[item], item))[:preset.beam_width]
-    test = test_windows(dataset, preset)
-    records = [{"i": i, "user_id": e.user_id, "target": e.target,
-                "beam_rank": top.index(e.target) if e.target in top else None} for i, e in enumerate(test)]
-    commit_unit(dest, records, {"arm": "popularity", "top": top, "train_windows": len(dataset.train),
-                                "wall_s": time.time() - started})
+    for split, dest in (("test", results / "test" / "popularity"), ("valid", results / "valid" / "popularity")):
+        if dest.exists():
+            print(f"skip {split}/popularity (done)", flush=True)
+            continue
+        started = time.time()
+        dataset = data.load_dataset(data.DataConfig(dataset=preset.dataset, data_dir=preset.data_dir,
+                                                    train_samples=0, seed=preset.seed))
+        counts = Counter(example.target for example in dataset.train)
+        top = sorted(counts, key=lambda item: (-counts[item], item))[:preset.beam_width]
+        windows = test_windows(dataset, preset) if split == "test" else \
+            dataset.valid[:preset.valid_limit] if preset.valid_limit else dataset.valid
+        records = [{"i": i, "user_id": e.user_id, "target": e.target,
+                    "beam_rank": top.index(e.target) if e.target in top else None} for i, e in enumerate(windows)]
+        commit_unit(dest, records, {"arm": "popularity", "top": top, "train_windows": len(dataset.train),
+                                    "wall_s": time.time() - started})
 
 
 def train_unit(preset: Preset, results: Path, work: Path, name: str, **flags) -> dict:
@@ -345,6 +348,10 @@ def report(results: Path) -> str:
 
     lines += ["**Selection on validation** (NDCG@10 / HR@10 of each epoch's checkpoint; * = chosen):", "",
               "| run | loss | lr | lambda' | xi | epoch 1 | epoch 2+ | s/step |", "|---|---|---|---|---|---|---|---|"]
+    if (results / "valid" / "popularity").exists():
+        valid_popularity = metrics_from(per_example(read_records(results / "valid" / "popularity"), width))
+        lines.append(f"| popularity (floor) | - | - | - | - | {float(valid_popularity['ndcg@10'][0]):.4f} / "
+                     f"{float(valid_popularity['hr@10'][0]):.4f} | | - |")
     for name, run in runs.items():
         config, epochs = run["config"], run["valid"]
         cells = [f"{e['ndcg@10']:.4f} / {e['hr@10']:.4f}" for e in epochs]

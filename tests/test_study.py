@@ -83,6 +83,8 @@ def test_study_end_to_end_resumes_skips_and_reports_from_raw_files(tmp_path, tin
     # Every unit ran and the report covers every arm.
     for arm in study.ARMS:
         assert (results / "test" / arm / "examples.jsonl").exists(), arm
+    assert (results / "valid" / "popularity" / "examples.jsonl").exists()
+    assert "| popularity (floor) |" in (results / "report.md").read_text()
     assert len(list((results / "runs").iterdir())) == len(preset.lr_grid) + len(preset.bear_grid) + 4
     assert (results / "report.md").read_text() in done.stdout
 
@@ -92,7 +94,7 @@ def test_study_end_to_end_resumes_skips_and_reports_from_raw_files(tmp_path, tin
     assert again.returncode == 0, again.stderr[-3000:]
     assert not [line for line in again.stdout.splitlines() if line.startswith("unit ")], again.stdout[:2000]
     assert sum(line.startswith("skip ") for line in again.stdout.splitlines()) == \
-        len(study.ARMS) + len(preset.lr_grid) + len(preset.bear_grid) + 4
+        len(study.ARMS) + 1 + len(preset.lr_grid) + len(preset.bear_grid) + 4  # + popularity on validation
     assert tree_state(results) == before
 
     # The report mode (a new process, no model) reproduces the same text from the raw files.
