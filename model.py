@@ -1,14 +1,25 @@
 """Stage 1 — the model: a Llama decoder that matches transformers' LlamaForCausalLM, and its tokenizers.
 
-Read top to bottom: config -> RMSNorm -> RoPE -> attention (with a KV cache) -> MLP -> block -> model ->
-checkpoint loading -> tokenizers. Module names mirror Hugging Face's (`model.layers.N.self_attn.q_proj`), so a
-HF checkpoint loads strictly with no renaming table, and LoRA (lora.py) can wrap the projections by name.
+Read top to bottom: the plain decoder (config -> RMSNorm -> RoPE -> attention -> MLP -> block -> model), then
+decoding on a KV cache that keeps each prompt once for all of its beams, then checkpoint loading, then the
+tokenizers. Module names mirror Hugging Face's (`model.layers.N.self_attn.q_proj`), so a HF checkpoint loads
+strictly with no renaming table, and LoRA (lora.py) can wrap the projections by name.
 
-Numerics follow transformers exactly (the tests compare logits to 1e-5 in fp32): RMSNorm normalises in fp32,
-casts back, then multiplies the weight; RoPE angles are computed in fp32 and cos/sin cast to the model dtype;
-attention runs through SDPA (fp32 softmax inside) with an additive mask filled with finfo(dtype).min. Decoding
-on top of a KV cache uses `shared_prompt_attention` instead (fp32 throughout), which lets all beams of a prompt
-read one copy of the prompt's keys and values.
+The oracle is transformers' own LlamaForCausalLM: tests/test_model.py loads the same checkpoints into both and
+compares logits, left padding, KV-cache decoding with reordered beams, gradients and greedy decoding of real
+SmolLM2 weights; start there. tests/test_tokenizer.py checks the tokenizers against HF `tokenizers` and
+`sentencepiece`.
+
+Numerics follow transformers exactly (fp32 logits within 1e-5): RMSNorm normalises in fp32, casts back, then
+multiplies the weight; RoPE angles are computed in fp32 and cos/sin cast to the model dtype; attention runs
+through SDPA (fp32 softmax inside) with an additive mask filled with finfo(dtype).min. Decoding on top of a KV
+cache uses `shared_prompt_attention` instead (fp32 throughout), which lets all beams of a prompt read one copy
+of the prompt's keys and values.
+
+Shapes: B rows of a forward, T new positions per row, H query heads, H_kv key/value heads, D head_dim, V the
+vocabulary, N the positions logits_at asks for. In the KV cache: U prompts, P prompt positions, R rows (the
+beams; R is the B of a forward on the cache), G generated positions; g = H / H_kv query heads per key/value
+head, S the most rows of any one prompt.
 """
 from __future__ import annotations
 
@@ -111,7 +122,7 @@ class LlamaConfig:
         return cls.from_dict(d, source=str(path))
 
 
-# ----------------------------------------------------------------------------------------------- layers
+# -------------------------------------------------------------------------------------------- the decoder
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -154,6 +165,165 @@ def rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+class Attention(nn.Module):
+    """Grouped-query attention: each key/value head serves g = H / H_kv query heads.
+
+    The attention proper, `attend(layer_index, q, k, v)`, is picked once per forward for all layers by
+    `choose_attention`: SDPA, with or without a padding mask, or on a filled KV cache the shared-prompt attention
+    of the decoding section."""
+
+    def __init__(self, config: LlamaConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, q_size, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_bias)
+
+    def forward(self, x, cos, sin, attend):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)   # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)   # (B, H_kv, T, D)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)   # (B, H_kv, T, D)
+        q = q * cos + rotate_half(q) * sin                                 # RoPE; cos/sin (B, 1, T, D)
+        k = k * cos + rotate_half(k) * sin
+        out = attend(self.layer_index, q, k, v)                            # (B, H, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))          # (B, T, hidden)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_index: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer_index)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, attend):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # A plain attribute, not a buffer: `.to(bfloat16)` must not round the fp32 frequencies.
+        self.inv_freq = rope_inverse_frequencies(config)                   # (D/2,) fp32
+
+    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, logits_at=None):
+        """input_ids (B, T); attention_mask (B, P+T) over cached + new positions, 1 = real token, 0 = padding;
+        cache: attend to the P cached steps, then append these T; logits_at: bool (B, T) -> logits (N, V) at
+        the True positions in row-major order (the lm_head runs only there), None -> (B, T, V)."""
+        B, T = input_ids.shape
+        P = cache.length if cache is not None else 0
+        # Inputs may come from the CPU (beam search keeps its bookkeeping there): move them to the model.
+        x = self.model.embed_tokens(input_ids.to(self.model.embed_tokens.weight.device))   # (B, T, hidden)
+        dtype, device = x.dtype, x.device
+        attention_mask = _checked_attention_mask(attention_mask, cache, B, T, P, device)   # (B, P + T) bool
+
+        # Position ids: like HF generate, a token's position is the number of real tokens before it (left padding
+        # shifts rows), counting the cached ones.
+        if attention_mask is None:
+            new_mask = torch.ones(B, T, dtype=torch.bool, device=device)                   # (B, T)
+        else:
+            new_mask = attention_mask[:, P:]                                               # (B, T)
+        real_before = cache.real_lengths()[:, None] if P > 0 else 0
+        positions = (real_before + new_mask.long().cumsum(-1) - 1).masked_fill(~new_mask, 1)  # (B, T)
+
+        # RoPE angles in fp32, cos/sin cast to the model dtype (transformers' rounding).
+        if self.inv_freq.device != device:  # moved once per device (a copy every step would sync the GPU)
+            self.inv_freq = self.inv_freq.to(device)
+        freqs = positions[..., None].float() * self.inv_freq                # (B, T, D/2)
+        angles = torch.cat((freqs, freqs), dim=-1)                         # (B, T, D)
+        cos, sin = angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]  # (B, 1, T, D)
+
+        attend = choose_attention(attention_mask, new_mask, cache, dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, attend)                                 # (B, T, hidden)
+
+        if logits_at is not None:
+            if logits_at.dtype != torch.bool or tuple(logits_at.shape) != (B, T):
+                raise ValueError(f"logits_at must be a bool tensor of shape {(B, T)}, got "
+                                 f"{logits_at.dtype} {tuple(logits_at.shape)}")
+            x = x[logits_at.to(device)]                                    # (N, hidden), row-major
+        # RMSNorm is per row, so normalising only the kept rows gives the same numbers.
+        return self.lm_head(self.model.norm(x))                            # (B, T, V) or (N, V)
+
+
+def choose_attention(attention_mask, new_mask, cache: KVCache | None, dtype):
+    """The attention of one forward, the same for every layer: attend(layer_index, q, k, v) -> (B, H, T, D).
+
+    - no attention_mask (training's batches, whose right padding never precedes a real token): SDPA's causal
+      fast path;
+    - an attention_mask (left padding): SDPA with an additive mask, finfo(dtype).min where a query may not look;
+    - a fresh cache (the prefill): one of the two, each layer's keys/values kept as the cache's prompt part;
+    - a filled cache (decoding): `cached_attention`, the shared-prompt attention of the decoding section.
+    Call it after the position ids are read from the cache: it records the new positions in it."""
+    if cache is not None and cache.length > 0:
+        return cached_attention(cache, new_mask)
+    T, device = new_mask.shape[1], new_mask.device
+    mask, is_causal = None, False
+    if attention_mask is None:
+        is_causal = T > 1
+    else:
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()             # (T, T)
+        allowed = causal[None, None] & attention_mask[:, None, None, :]               # (B, 1, T, T)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    if cache is not None:
+        cache.add_positions(new_mask)
+
+    def attend(layer_index, q, k, v):
+        if cache is not None:
+            k, v = cache.append(layer_index, k, v)       # the prefill's own keys/values, now the prompt part
+        # GQA: enable_gqa lets each key/value head serve its g query heads without repeating it.
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True,
+                                              scale=q.shape[-1] ** -0.5)          # (B, H, T, D)
+    return attend
+
+
+def _checked_attention_mask(attention_mask, cache, B: int, T: int, P: int, device):
+    """attention_mask as a bool tensor on the model's device, after checking it against the input and the cache."""
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != (B, P + T):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, P + T)} "
+                             f"(batch, cached {P} + new {T} positions)")
+        attention_mask = attention_mask.to(device=device, dtype=torch.bool)
+    if P > 0 and B != cache.num_rows:
+        raise ValueError(f"input_ids has {B} rows but the cache holds {cache.num_rows}")
+    if P > 0 and attention_mask is not None and not torch.equal(attention_mask[:, :P], cache.cached_mask()):
+        raise ValueError("attention_mask disagrees with the padding of the cached positions")
+    return attention_mask
+
+
+# ------------------------------------------------------------------ decoding: a KV cache shared by the beams
+
 class KVCache:
     """Keys/values of every layer during generation, kept in two parts so that all beams of a prompt share it.
 
@@ -162,11 +332,10 @@ class KVCache:
     - Generated part: one row per sequence (a beam), (R, H_kv, G, D) per layer, `generated_mask` (R, G), and
       `row_prompt` (R,): the prompt row each sequence continues.
 
-    Why two parts: beam search decodes ~20-token titles after ~500-token prompts with B = 10 beams per prompt.
-    transformers' layout (a full copy per beam, concatenated and reordered every step, key/value heads repeated
-    for GQA every step) moves B x 500 positions per layer per step, most of our CPU decode time before this
-    design. Here `reorder` and `append` move only the short generated part, and attention reads each prompt
-    once for all of its beams (`shared_prompt_attention`)."""
+    Why two parts: beam search decodes ~20-token titles after ~500-token prompts, 10 beams per prompt. A full
+    copy of the cache per beam (transformers' layout) moves 10 x 500 positions per layer at every step. Here
+    `reorder` and `append` move only the short generated part, and attention reads each prompt once for all of
+    its beams (`shared_prompt_attention`)."""
 
     def __init__(self, num_layers: int):
         self.prompt_keys: list[torch.Tensor | None] = [None] * num_layers       # (U, H_kv, P, D)
@@ -216,8 +385,9 @@ class KVCache:
 
     def reorder(self, index: torch.LongTensor) -> None:
         """Keeps rows index[0], index[1], ...: the beams that survive a step, in their new order (a row may be
-        kept several times: the expansion of U prompts into B beams each is reorder(arange(U).repeat_interleave(B))).
-        Only the generated part moves; the prompt part drops the prompts that no row continues any more."""
+        kept several times: U prompts expand into beam_width beams each by
+        reorder(arange(U).repeat_interleave(beam_width))). Only the generated part moves; the prompt part drops the
+        prompts that no row continues any more."""
         index = index.to(self.row_prompt.device)
         row_prompt = self.row_prompt[index]                                             # (R',)
         used = torch.unique(row_prompt)                                                 # sorted
@@ -227,8 +397,8 @@ class KVCache:
             self.prompt_values = [None if v is None else v[used] for v in self.prompt_values]
             row_prompt = torch.searchsorted(used, row_prompt)
         self.row_prompt, self.generated_mask = row_prompt, self.generated_mask[index]
-        # Advanced indexing, not index_select: on this CPU build index_select along dim 0 of a 4-d cache tensor
-        # measured ~160x slower (1.29 s vs 8 ms for a (160, 3, 300, 64) bf16 tensor); the result is identical.
+        # Advanced indexing, not index_select: the same rows, and on CPU index_select along dim 0 of a 4-d tensor
+        # is far slower.
         self.keys = [None if k is None else k[index] for k in self.keys]              # (R', H_kv, G, D)
         self.values = [None if v is None else v[index] for v in self.values]
 
@@ -241,12 +411,26 @@ class KVCache:
         return other
 
 
+def cached_attention(cache: KVCache, new_mask):
+    """choose_attention's `attend` on a filled cache: the new positions are recorded and their place among the
+    rows of each prompt planned once for all layers; each layer then appends its new keys/values to the rows'
+    generated part and runs shared_prompt_attention."""
+    cache.add_positions(new_mask)
+    plan = shared_prompt_plan(cache, new_mask.shape[1])
+
+    def attend(layer_index, q, k, v):
+        k, v = cache.append(layer_index, k, v)           # (R, H_kv, G, D), the T new steps included
+        return shared_prompt_attention(q, cache.prompt_keys[layer_index], cache.prompt_values[layer_index], k, v,
+                                       plan, q.shape[-1] ** -0.5).to(q.dtype)     # (R, H, T, D)
+    return attend
+
+
 class SharedPromptPlan(NamedTuple):
     """Where each of the R rows of a decoding forward sits among its prompt's rows, computed once per forward
     for every layer's `shared_prompt_attention`."""
     row_prompt: torch.Tensor           # (R,) the prompt row each row continues
     slot: torch.Tensor                 # (R,) its place among the rows of that prompt
-    slots: int                         # most rows of any one prompt
+    slots: int                         # S, the most rows of any one prompt
     prompt_mask: torch.Tensor          # (U, P) bool, True = real prompt token
     generated_allowed: torch.Tensor    # (R, T, G) bool: new query t may attend to generated step g
 
@@ -300,141 +484,6 @@ def shared_prompt_attention(q, prompt_k, prompt_v, generated_k, generated_v, pla
     prompt_scale, gen_scale = torch.exp(prompt_max - top), torch.exp(gen_max - top)
     out = (prompt_out * prompt_scale + gen_out * gen_scale) / (prompt_sum * prompt_scale + gen_sum * gen_scale)
     return out.view(R, H, T, D)                                                          # fp32
-
-
-class Attention(nn.Module):
-    def __init__(self, config: LlamaConfig, layer_index: int):
-        super().__init__()
-        self.layer_index = layer_index
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, q_size, bias=config.attention_bias)
-        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
-        self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_bias)
-
-    def forward(self, x, cos, sin, mask, is_causal, cache, plan):
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)   # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)   # (B, H_kv, T, D)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)   # (B, H_kv, T, D)
-        q = q * cos + rotate_half(q) * sin                                 # RoPE; cos/sin (B, 1, T, D)
-        k = k * cos + rotate_half(k) * sin
-        if cache is not None:
-            k, v = cache.append(self.layer_index, k, v)   # the prefill's own keys, or this row's generated ones
-        if plan is not None:                              # decoding on top of a cached prompt (see KVCache)
-            out = shared_prompt_attention(q, cache.prompt_keys[self.layer_index],
-                                          cache.prompt_values[self.layer_index], k, v, plan,
-                                          self.head_dim ** -0.5).to(x.dtype)   # (B, H, T, D)
-        else:  # GQA: each group of H / H_kv query heads shares one key/value head
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True,
-                                                 scale=self.head_dim ** -0.5)  # (B, H, T, D)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))          # (B, T, hidden)
-
-
-class MLP(nn.Module):
-    def __init__(self, config: LlamaConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, config: LlamaConfig, layer_index: int):
-        super().__init__()
-        self.self_attn = Attention(config, layer_index)
-        self.mlp = MLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, x, cos, sin, mask, is_causal, cache, plan):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, cache, plan)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class LlamaModel(nn.Module):
-    def __init__(self, config: LlamaConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-
-class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: LlamaConfig):
-        super().__init__()
-        self.config = config
-        self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        # A plain attribute, not a buffer: `.to(bfloat16)` must not round the fp32 frequencies.
-        self.inv_freq = rope_inverse_frequencies(config)                   # (D/2,) fp32
-
-    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, logits_at=None):
-        """input_ids (B, T); attention_mask (B, P+T) over cached + new positions, 1 = real token, 0 = padding;
-        cache: attend to the P cached steps, then append these T; logits_at: bool (B, T) -> logits (N, V) at
-        the True positions in row-major order (the lm_head runs only there), None -> (B, T, V)."""
-        B, T = input_ids.shape
-        P = cache.length if cache is not None else 0
-        # Inputs may come from the CPU (beam search keeps its bookkeeping there): move them to the model.
-        x = self.model.embed_tokens(input_ids.to(self.model.embed_tokens.weight.device))   # (B, T, hidden)
-        dtype, device = x.dtype, x.device
-        if attention_mask is not None:
-            if tuple(attention_mask.shape) != (B, P + T):
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, P + T)} "
-                                 f"(batch, cached {P} + new {T} positions)")
-            attention_mask = attention_mask.to(device=device, dtype=torch.bool)
-        if P > 0 and B != cache.num_rows:
-            raise ValueError(f"input_ids has {B} rows but the cache holds {cache.num_rows}")
-        if P > 0 and attention_mask is not None and not torch.equal(attention_mask[:, :P], cache.cached_mask()):
-            raise ValueError("attention_mask disagrees with the padding of the cached positions")
-
-        # Which new positions are real, and position ids: like HF generate, a token's position is the number of
-        # real tokens before it (left padding shifts rows).
-        if attention_mask is None:
-            new_mask = torch.ones(B, T, dtype=torch.bool, device=device)                   # (B, T)
-        else:
-            new_mask = attention_mask[:, P:]
-        real_before = cache.real_lengths()[:, None] if P > 0 else 0
-        positions = (real_before + new_mask.long().cumsum(-1) - 1).masked_fill(~new_mask, 1)  # (B, T)
-
-        # RoPE angles in fp32, cos/sin cast to the model dtype (transformers' rounding).
-        if self.inv_freq.device != device:  # moved once per device (a copy every step would sync the GPU)
-            self.inv_freq = self.inv_freq.to(device)
-        freqs = positions[..., None].float() * self.inv_freq                # (B, T, D/2)
-        angles = torch.cat((freqs, freqs), dim=-1)                         # (B, T, D)
-        cos, sin = angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]  # (B, 1, T, D)
-
-        # Attention. On top of a cache: shared_prompt_attention, planned once here for every layer. Otherwise SDPA:
-        # unpadded (right-padded training batches) with is_causal, the fast path; padded with an additive mask.
-        mask, is_causal, plan = None, False, None
-        if cache is not None:
-            cache.add_positions(new_mask)
-        if P > 0:
-            plan = shared_prompt_plan(cache, T)
-        elif attention_mask is None:
-            is_causal = T > 1
-        else:
-            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()             # (T, T)
-            allowed = causal[None, None] & attention_mask[:, None, None, :]               # (B, 1, T, T)
-            mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, is_causal, cache, plan)           # (B, T, hidden)
-
-        if logits_at is not None:
-            if logits_at.dtype != torch.bool or tuple(logits_at.shape) != (B, T):
-                raise ValueError(f"logits_at must be a bool tensor of shape {(B, T)}, got "
-                                 f"{logits_at.dtype} {tuple(logits_at.shape)}")
-            x = x[logits_at.to(device)]                                    # (N, hidden), row-major
-        # RMSNorm is per row, so normalising only the kept rows gives the same numbers.
-        return self.lm_head(self.model.norm(x))                            # (B, T, V) or (N, V)
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -491,6 +540,7 @@ def resolve_model(name: str, revision: str | None = None) -> ModelSource:
                              f"({reason}); run `huggingface-cli download {repo_id}` where online, or give "
                              f"--model DIR") from None
     return ModelSource(str(folder), repo_id, Path(folder).name)   # snapshots/<commit>
+
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
