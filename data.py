@@ -3,7 +3,15 @@ and the beam search use.
 
 Read top to bottom: datasets and the prompt (SPEC §1), reading the processed CSV files and the splits, dataset
 statistics, the item trie (SPEC §2), tokenising examples, batching, the raw Amazon pipeline (SPEC §6), the
-download of the authors' processed files, and the CLI:
+download of the authors' processed files, the plumbing every stage's command line shares (atomic files, the
+torchrun process group, progress lines, one-line errors), and the CLI. The oracles in tests/test_data.py: the
+authors' own train_10000.csv row for row, a brute-force trie over Python lists, HF `tokenizers`, and a plain
+re-implementation of the raw pipeline.
+
+Shapes: I items, L a title's target tokens (sum L over all items), E trie edges, N trie nodes queried (one per
+label position), M valid (node, token) pairs, b windows in a batch, T the padded sequence length.
+
+The CLI:
 
     python data.py --dataset office --stats [--tokenizer MODEL_DIR]      # Table 1 numbers, splits, trie, checks
     python data.py --dataset toy --download                             # fetch the authors' processed files
@@ -18,15 +26,17 @@ import gzip
 import json
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+import torch.distributed as torch_dist
 
 # ----------------------------------------------------------------------------------------------------------------
 # Datasets and the prompt (SPEC §1)
@@ -123,11 +133,13 @@ def build_prompt(info: DatasetInfo, history_titles: Sequence[str]) -> str:
 
 @dataclass
 class DataConfig:
-    dataset: str                  # office | book | toy | clothing, or the path of a dataset folder of your own
-    data_dir: str | None = None   # None -> $BEAR_DATA -> ./data
-    train_samples: int = 10000    # the paper trains on sample(n=10000, random_state=42) of train; <= 0: all of train
-    seed: int = 42
-    max_history: int = 10
+    dataset: str = field(default="", metadata={"help": "office | book | toy | clothing, or the path of a dataset "
+                                                       "folder of your own"})
+    data_dir: str | None = field(default=None, metadata={"help": "data root; None: $BEAR_DATA, else ./data"})
+    train_samples: int = field(default=10000, metadata={"help": "the paper trains on sample(n=10000, "
+                                                                "random_state=42) of train; <= 0: all of train"})
+    seed: int = field(default=42, metadata={"help": "seed of the training sample"})
+    max_history: int = field(default=10, metadata={"help": "history titles per prompt"})
 
 
 @dataclass(frozen=True)
@@ -586,12 +598,6 @@ def clean_title(title) -> str | None:
     return title.replace('"', "&quot;") if len(title) > 1 else None
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def category_of(reviews_path) -> str:
     """The category in a dump's file name: reviews_Video_Games_5.json (2014) or Video_Games_5.json.gz (2018) ->
     "video games" ("items" if the name has none)."""
@@ -623,8 +629,8 @@ def build_from_raw(reviews_path, meta_path, out_dir, k_core: int = 5, max_histor
         user_id.setdefault(user, len(user_id) + 1)
         item_id.setdefault(asin, len(item_id) + 1)
     sequences = defaultdict(list)
-    for user, asin, time in reviews:
-        sequences[user_id[user]].append((time, item_id[asin]))
+    for user, asin, when in reviews:
+        sequences[user_id[user]].append((when, item_id[asin]))
     windows = []                                                       # (user, items, target time)
     for user in sorted(sequences):
         events = sorted(sequences[user], key=lambda e: e[0])           # stable: same-time reviews keep file order
@@ -638,12 +644,12 @@ def build_from_raw(reviews_path, meta_path, out_dir, k_core: int = 5, max_histor
     for name, part in (("train", windows[:cut_valid]), ("valid", windows[cut_valid:cut_test]),
                        ("test", windows[cut_test:])):
         lines = ["user_id,item_ids,timestamp"] + [f'{u},"{items}",{t}' for u, items, t in part]
-        atomic_write_text(out_dir / f"{name}.csv", "\n".join(lines) + "\n")
+        write_text_atomic(out_dir / f"{name}.csv", "\n".join(lines) + "\n")
     id2name = {str(i): titles_by_asin[asin] for asin, i in item_id.items()}
-    atomic_write_text(out_dir / "id2name4Rec.json", json.dumps(id2name, ensure_ascii=False, indent=4))
+    write_text_atomic(out_dir / "id2name4Rec.json", json.dumps(id2name, ensure_ascii=False, indent=4))
     if not (out_dir / PROMPT_FILE).exists():
         prompt = default_prompt(category_of(reviews_path))
-        atomic_write_text(out_dir / PROMPT_FILE, json.dumps(prompt, ensure_ascii=False, indent=4) + "\n")
+        write_text_atomic(out_dir / PROMPT_FILE, json.dumps(prompt, ensure_ascii=False, indent=4) + "\n")
     return {"users": len(user_id), "items": len(item_id), "interactions": len(reviews), "windows": len(windows)}
 
 
@@ -652,9 +658,8 @@ def build_from_raw(reviews_path, meta_path, out_dir, k_core: int = 5, max_histor
 
 
 def fetch_file(url: str, dest: Path, timeout: float = 30.0) -> int:
-    """Stream url into dest.tmp and rename it only when complete, so an interrupted download leaves nothing."""
-    tmp = Path(str(dest) + ".tmp")
-    try:
+    """Stream url into dest, whole or not at all (write_atomically), so an interrupted download leaves nothing."""
+    def download(tmp: Path) -> None:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
             expected, size = response.headers.get("Content-Length"), 0
             while chunk := response.read(1 << 16):
@@ -662,10 +667,8 @@ def fetch_file(url: str, dest: Path, timeout: float = 30.0) -> int:
                 size += len(chunk)
         if expected is not None and size != int(expected):
             raise ConnectionError(f"connection cut after {size} of {expected} bytes of {url}")
-        os.replace(tmp, dest)
-        return size
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(dest, download)
+    return dest.stat().st_size
 
 
 def download_dataset(config: DataConfig, base_url: str | None = None, timeout: float = 30.0) -> list[str]:
@@ -693,6 +696,162 @@ def download_dataset(config: DataConfig, base_url: str | None = None, timeout: f
             raise ConnectionError(f"cannot download {url} ({reason}); offline? copy the authors' files into "
                                   f"{folder} by hand") from None
     return log
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plumbing every stage's command line shares (data.py is the stage all the others import): files written whole or
+# not at all, the process group of torchrun, progress lines, argparse from a config dataclass, one-line errors.
+
+
+def write_atomically(path, write) -> None:
+    """Write `path` whole or not at all: `write(tmp)` fills `<path>.tmp`, which is then renamed over `path` (a
+    rename is atomic), so a kill at any moment leaves the old file or the new one, never a half-written one."""
+    tmp = Path(str(path) + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path, text: str) -> None:
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json_atomic(path, obj) -> None:
+    """NaN/inf are refused (ValueError): they are not JSON."""
+    write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+@dataclass
+class Distributed:
+    """This process's place among torchrun's (one process: rank 0 of 1). Collectives are no-ops on one process."""
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    def broadcast(self, tensor: torch.Tensor) -> None:
+        if self.world > 1:
+            torch_dist.broadcast(tensor, src=0)
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> None:
+        if self.world > 1:
+            torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch_dist.barrier()
+
+    def close(self) -> None:
+        if self.world > 1 and torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+
+
+def init_distributed() -> Distributed:
+    """Under torchrun (WORLD_SIZE > 1) join the process group (NCCL on GPUs, gloo on CPU); otherwise one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        torch_dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        torch_dist.init_process_group("gloo")
+    return Distributed(rank=torch_dist.get_rank(), world=torch_dist.get_world_size(), device=device)
+
+
+def shard_bounds(count: int, rank: int, world: int) -> tuple[int, int]:
+    """[start, stop) of rank's contiguous share of `count` items: the first count % world ranks get one more."""
+    base, extra = divmod(count, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+class Progress:
+    """A progress line for a long pass: `what: done/total unit | rate | ~time left`, printed only once the pass
+    has run a few seconds (short passes stay silent). On a terminal it is redrawn in place every second; into a
+    log file (stdout not a terminal) it is one line every `every` seconds, so the log stays readable. Rank 0
+    only. Call it with the number done so far."""
+
+    def __init__(self, what: str, total: int, unit: str = "windows", every: float = 30.0, rank: int = 0):
+        self.what, self.total, self.unit, self.rank = what, total, unit, rank
+        self.tty = sys.stdout.isatty()
+        self.every = 1.0 if self.tty else every
+        self.start = self.last = time.time()
+        self.shown = False
+
+    def __call__(self, done: int) -> None:
+        now = time.time()
+        finished = done >= self.total
+        if self.rank != 0 or (now - self.last < self.every and not (finished and self.shown)):
+            return
+        self.last, self.shown = now, True
+        rate = done / max(now - self.start, 1e-9)
+        left = (self.total - done) / rate if rate > 0 else 0.0
+        line = f"{self.what}: {done}/{self.total} {self.unit} | {rate:.2f} {self.unit}/s | ~{format_seconds(left)} left"
+        if self.tty:
+            print("\r" + line + ("\n" if finished else ""), end="", flush=True)
+        else:
+            print(line, flush=True)
+
+
+def format_seconds(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad flag prints one line (`error: ...`) instead of the whole usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def build_parser(config_class, description: str) -> argparse.ArgumentParser:
+    """argparse from a config dataclass: one --flag per field, help and choices from the field metadata."""
+    parser = OneLineErrorParser(description=description)
+    for f in dataclasses.fields(config_class):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            kind = {int: int, float: float, "int": int, "float": float}.get(f.type, str)
+            parser.add_argument(flag, type=kind, default=f.default, choices=f.metadata.get("choices"),
+                                help=f.metadata["help"] + " (default: %(default)s)")
+    return parser
+
+
+def cli_main(main, argv=None, stopped_errors=()) -> int:
+    """Run `main(argv)`; a bad input (ValueError / FileNotFoundError) or a stopped run prints one line
+    `error: ...` (on rank 0 only: every rank meets the same bad input) and exits 2 (1 for a stopped run); Ctrl-C
+    prints one line and exits 130, the shell's code for SIGINT (files are only ever replaced whole, so nothing
+    half-written is left). Under torchrun the line also goes into the launcher's own failure summary."""
+    try:
+        return main(argv)
+    except (ValueError, FileNotFoundError, *stopped_errors) as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        record_for_torchrun(f"error: {err}")
+        return 1 if isinstance(err, stopped_errors) else 2
+    except KeyboardInterrupt:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("error: interrupted (Ctrl-C); completed checkpoints and result files are intact", file=sys.stderr,
+                  flush=True)
+        return 130
+
+
+def record_for_torchrun(message: str) -> None:
+    """torchrun prints each failed child's error file (TORCHELASTIC_ERROR_FILE) in its final summary, where a
+    reader looks first; without it the summary says only `error_file: <N/A>` below ~50 lines of launcher
+    traceback. The format is torch.distributed.elastic's (what its @record decorator writes)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path and int(os.environ.get("RANK", "0")) == 0:
+        error = {"message": {"message": message, "extraInfo": {"py_callstack": message,
+                                                                "timestamp": str(int(time.time()))}}}
+        Path(path).write_text(json.dumps(error))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -730,11 +889,7 @@ def print_statistics(config: DataConfig, tokenizer_path: str | None) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="BEAR data: statistics, download, raw pipeline")
-    for field in dataclasses.fields(DataConfig):
-        kind = int if field.type in (int, "int") else str
-        default = None if field.default is dataclasses.MISSING else field.default
-        parser.add_argument("--" + field.name.replace("_", "-"), type=kind, default=default)
+    parser = build_parser(DataConfig, "BEAR data: statistics, download, raw pipeline")
     parser.add_argument("--stats", action="store_true", help="print users/items/interactions and the splits")
     parser.add_argument("--tokenizer", help="with --stats: model folder whose tokenizer builds the trie and is checked")
     parser.add_argument("--download", action="store_true", help="fetch the authors' processed files when missing "

@@ -9,13 +9,10 @@ train_config.json, the LoRA settings from the PEFT adapter_config.json, and the 
 (recorded in the config and checked). --ckpt is a training --out folder (its best-validation checkpoint is
 used) or one checkpoint folder inside it.
 
-This file also holds the pieces train.py shares for its per-epoch validation: the process-group set-up, the
-sharding and the sharded, all-reduced ranking metrics.
+train.py validates with `evaluate` at the end of every epoch. The oracles: `naive_beam_search` in
+tests/test_beam.py for the search, and tests/test_eval.py's run of transformers + peft on the trained adapter.
 """
-import argparse
-import dataclasses
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,103 +23,11 @@ import torch.distributed as torch_dist
 
 import beam
 import data
+from data import Distributed, Progress, build_parser, cli_main, init_distributed, shard_bounds
 from lora import load_adapter
-from model import load_model, load_tokenizer, resolve_model
+from model import DTYPES, load_model, load_tokenizer, resolve_model
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 CUTOFFS = (5, 10)  # the K of NDCG@K / HR@K / PR@K (SPEC §5)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Processes: one, or torchrun's N (NCCL on GPUs, gloo on CPU)
-# ---------------------------------------------------------------------------------------------------------
-
-@dataclass
-class Distributed:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-
-    def broadcast(self, tensor: torch.Tensor) -> None:
-        if self.world > 1:
-            torch_dist.broadcast(tensor, src=0)
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch_dist.barrier()
-
-    def close(self) -> None:
-        if self.world > 1 and torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
-
-
-def init_distributed() -> Distributed:
-    """Under torchrun (WORLD_SIZE > 1) join the process group; otherwise one process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Distributed(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-        torch_dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        torch_dist.init_process_group("gloo")
-    return Distributed(rank=torch_dist.get_rank(), world=torch_dist.get_world_size(), device=device)
-
-
-def all_reduce_sum(tensor: torch.Tensor, dist: Distributed) -> None:
-    if dist.world > 1:
-        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
-
-
-def shard_bounds(count: int, rank: int, world: int) -> tuple[int, int]:
-    """[start, stop) of rank's contiguous share of `count` items: the first count % world ranks get one more."""
-    base, extra = divmod(count, world)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (rank < extra)
-
-
-class Progress:
-    """A progress line for a long pass: `what: done/total unit | rate | ~time left`, printed only once the pass
-    has run a few seconds (short passes stay silent). On a terminal it is redrawn in place every second; into a
-    log file (stdout not a terminal) it is one line every `every` seconds, so the log stays readable. Rank 0
-    only. Call it with the number done so far."""
-
-    def __init__(self, what: str, total: int, unit: str = "windows", every: float = 30.0, rank: int = 0):
-        self.what, self.total, self.unit, self.rank = what, total, unit, rank
-        self.tty = sys.stdout.isatty()
-        self.every = 1.0 if self.tty else every
-        self.start = self.last = time.time()
-        self.shown = False
-
-    def __call__(self, done: int) -> None:
-        now = time.time()
-        finished = done >= self.total
-        if self.rank != 0 or (now - self.last < self.every and not (finished and self.shown)):
-            return
-        self.last, self.shown = now, True
-        rate = done / max(now - self.start, 1e-9)
-        left = (self.total - done) / rate if rate > 0 else 0.0
-        line = f"{self.what}: {done}/{self.total} {self.unit} | {rate:.2f} {self.unit}/s | ~{format_seconds(left)} left"
-        if self.tty:
-            print("\r" + line + ("\n" if finished else ""), end="", flush=True)
-        else:
-            print(line, flush=True)
-
-
-def format_seconds(seconds: float) -> str:
-    minutes, seconds = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
-
-
-def write_json_atomic(path, obj) -> None:
-    """Write `path` whole or not at all (a .tmp file renamed over it). NaN/inf are refused: they are not JSON."""
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -164,7 +69,7 @@ def evaluate(model, dataset, tokenizer, trie, examples, beam_config, dist: Distr
 
     names = sorted(sums)
     totals = torch.tensor([sums[name] for name in names] + [len(shard)], dtype=torch.float64, device=dist.device)
-    all_reduce_sum(totals, dist)
+    dist.all_reduce_sum(totals)
     totals = dict(zip(names + ["count"], totals.tolist()))
     count = int(totals["count"])
     metrics = {f"{name}@{k}": totals[f"{name}@{k}"] / max(count, 1) for name in ("ndcg", "hr") for k in CUTOFFS}
@@ -265,66 +170,11 @@ def run_eval(config: EvalConfig, dist: Distributed) -> dict:
         # Only a whole test split is THE result; a quick look (--limit) or the validation split goes beside it.
         name = "metrics.json" if config.split == "test" and not config.limit else \
             f"metrics-{config.split}" + (f"-limit{config.limit}" if config.limit else "") + ".json"
-        write_json_atomic(run_dir / name, report)
+        data.write_json_atomic(run_dir / name, report)
         print(f"wrote {run_dir / name}", flush=True)
         if config.dump:
-            tmp = Path(config.dump + ".tmp")
-            with open(tmp, "w") as f:
-                for record in records:
-                    f.write(json.dumps(record) + "\n")
-            os.replace(tmp, config.dump)
+            data.write_text_atomic(config.dump, "".join(json.dumps(record) + "\n" for record in records))
     return report
-
-
-def cli_main(main, argv=None, stopped_errors=()) -> int:
-    """Run `main(argv)`; a bad input (ValueError / FileNotFoundError) or a stopped run prints one line
-    `error: ...` (on rank 0 only: every rank meets the same bad input) and exits 2 (1 for a stopped run); Ctrl-C
-    prints one line and exits 130, the shell's code for SIGINT (files are only ever replaced whole, so nothing
-    half-written is left). Under torchrun the line also goes into the launcher's own failure summary."""
-    try:
-        return main(argv)
-    except (ValueError, FileNotFoundError, *stopped_errors) as err:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {err}", file=sys.stderr, flush=True)
-        record_for_torchrun(f"error: {err}")
-        return 1 if isinstance(err, stopped_errors) else 2
-    except KeyboardInterrupt:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print("error: interrupted (Ctrl-C); completed checkpoints and result files are intact", file=sys.stderr,
-                  flush=True)
-        return 130
-
-
-def record_for_torchrun(message: str) -> None:
-    """torchrun prints each failed child's error file (TORCHELASTIC_ERROR_FILE) in its final summary, where a
-    reader looks first; without it the summary says only `error_file: <N/A>` below ~50 lines of launcher
-    traceback. The format is torch.distributed.elastic's (what its @record decorator writes)."""
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if path and int(os.environ.get("RANK", "0")) == 0:
-        error = {"message": {"message": message, "extraInfo": {"py_callstack": message,
-                                                                "timestamp": str(int(time.time()))}}}
-        Path(path).write_text(json.dumps(error))
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, but a bad flag prints one line (`error: ...`) instead of the whole usage block."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-def build_parser(config_class, description: str) -> argparse.ArgumentParser:
-    """argparse from a config dataclass: one --flag per field, help and choices from the field metadata."""
-    parser = OneLineErrorParser(description=description)
-    for f in dataclasses.fields(config_class):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
-        else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            parser.add_argument(flag, type=kind, default=f.default, choices=f.metadata.get("choices"),
-                                help=f.metadata["help"] + " (default: %(default)s)")
-    return parser
 
 
 def main(argv=None) -> int:

@@ -16,9 +16,11 @@ Adapter dtype: the LoRA tensors are kept in fp32 even when the base model is bf1
 by default (get_peft_model / PeftModel.from_pretrained upcast bf16/fp16 adapters with autocast_adapter_dtype=
 True), and it is the safer training default: Adam updates of size ~1e-4 * |w| vanish in bf16's 8-bit mantissa.
 As in PEFT, the layer input is cast to fp32 for the adapter path and the sum is cast back to the model dtype.
+
+The oracle is peft itself: tests/test_lora.py compares logits, a dropout training step's gradients and merged
+weights with transformers + peft, and moves adapter files both ways.
 """
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+
+from data import write_atomically, write_text_atomic
 
 # The seven linear projections of a Llama block that LoRA may target (module names mirror Hugging Face's).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -162,12 +166,6 @@ def _peft_config_dict(config: LoraConfig, base_model_path: str) -> dict:
     }
 
 
-def _write_atomically(path: Path, write) -> None:
-    tmp = Path(str(path) + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_adapter(model: nn.Module, config: LoraConfig, out_dir, base_model_path: str) -> None:
     """Write the adapter in PEFT's format; each file is written to `<file>.tmp` and then renamed into place."""
     layers = lora_layers(model)
@@ -185,9 +183,9 @@ def save_adapter(model: nn.Module, config: LoraConfig, out_dir, base_model_path:
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {PEFT_KEY_PREFIX + name: tensor.detach().cpu().contiguous()
                for name, tensor in lora_state_dict(model).items()}
-    _write_atomically(out_dir / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    write_atomically(out_dir / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     text = json.dumps(_peft_config_dict(config, base_model_path), indent=2, sort_keys=True) + "\n"
-    _write_atomically(out_dir / ADAPTER_CONFIG, lambda tmp: tmp.write_text(text))
+    write_text_atomic(out_dir / ADAPTER_CONFIG, text)
 
 
 def _read_peft_config(path: Path) -> dict:

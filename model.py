@@ -491,6 +491,7 @@ def shared_prompt_attention(q, prompt_k, prompt_v, generated_k, generated_v, pla
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"   # no token needed, runs on a CPU; the paper: Llama-3.2-3B
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 _HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "original/tokenizer.model"]   # no .bin/.pth/.gguf
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}   # --dtype's names
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,7 @@ import model as llama  # noqa: E402
 import train  # noqa: E402
 from bench_beam import transformers_constrained_search  # noqa: E402  (bench/ is on sys.path as the script's folder)
 from bench_model import BenchConfig, interleaved_medians, office_batch, training_step_flops  # noqa: E402
-from eval import Distributed, build_parser, cli_main  # noqa: E402
+from data import Distributed, build_parser, cli_main  # noqa: E402
 
 
 @dataclass
@@ -372,7 +372,7 @@ def check_training(work: Path, model_dir: Path, data_dir: str, device: torch.dev
 KILL_LAUNCHER = '''"""train.py, SIGKILLed when optimizer step {step} (0-based) starts. Written by bench/gpu_check.py."""
 import os, signal, sys
 sys.path.insert(0, {repo!r})
-import eval as evaluation
+import data
 import train
 original = train.reseed_dropout
 def reseed(seed, step, rank):
@@ -380,7 +380,7 @@ def reseed(seed, step, rank):
         os.kill(os.getpid(), signal.SIGKILL)
     original(seed, step, rank)
 train.reseed_dropout = reseed
-sys.exit(evaluation.cli_main(train.main))
+sys.exit(data.cli_main(train.main))
 '''
 KILL_STEP = 5
 

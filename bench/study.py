@@ -216,9 +216,9 @@ def evaluate_unit(preset: Preset, results: Path, work: Path, arm: str, run: dict
     import torch
     import beam
     import data
-    from eval import DTYPES, Progress
+    from data import Progress
     from lora import load_adapter
-    from model import load_model, load_tokenizer
+    from model import DTYPES, load_model, load_tokenizer
 
     started = time.time()
     partial = work / "test" / f"{arm}.partial.jsonl"

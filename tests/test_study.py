@@ -25,7 +25,8 @@ import eval as evaluation  # noqa: E402
 import study  # noqa: E402
 from lora import load_adapter  # noqa: E402
 from model import load_model, load_tokenizer  # noqa: E402
-from test_train import adapter, make_office_slice, make_tiny_llama, run_killed, run_script, step_losses  # noqa: E402
+from test_train import (adapter, kill_at_step, make_office_slice, make_tiny_llama, run_killed, run_script,  # noqa: E402
+                        step_losses)
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +60,7 @@ def test_study_end_to_end_resumes_skips_and_reports_from_raw_files(tmp_path, tin
 
     # A training unit killed mid-run (SIGKILL when step 5 starts; step 4 was checkpointed) ...
     argv = study.train_argv(preset, work / "runs" / first, loss="msl", lr=preset.lr_grid[0])
-    patch = ("original = train.reseed_dropout\n"
-             "def reseed(seed, step, rank):\n"
-             "    if step == 4:\n"
-             "        os.kill(os.getpid(), signal.SIGKILL)\n"
-             "    original(seed, step, rank)\n"
-             "train.reseed_dropout = reseed")
-    killed = run_killed(argv, patch)
+    killed = run_killed(argv, kill_at_step(4))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     # ... and the reference it must equal once the study has resumed it.
     reference = tmp_path / "reference"
@@ -102,6 +97,8 @@ def test_study_end_to_end_resumes_skips_and_reports_from_raw_files(tmp_path, tin
                             capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr[-2000:]
     assert (results / "report.md").read_text() in report.stdout
+    with open(results / "figure.png", "rb") as f:  # matplotlib is in requirements-test.txt: the figure is drawn
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def hand_counted(records: list[dict], beam_width: int) -> dict:
@@ -139,7 +136,7 @@ def test_study_metrics_equal_eval_py_and_hand_counts(tmp_path, tiny_preset):
     model.eval()
     config = beam.BeamConfig(beam_width=preset.beam_width, batch_size=preset.eval_batch)
     reference, _ = evaluation.evaluate(model, dataset, tokenizer, trie, dataset.test[:6], config,
-                                       evaluation.Distributed(), pruning=True)
+                                       data.Distributed(), pruning=True)
     for name in ("ndcg@5", "ndcg@10", "hr@5", "hr@10", "pr@5", "pr@10"):
         assert ours[name] == pytest.approx(reference[name], abs=1e-12), name
     violated = [beam.violates_necessary_condition(model, data.prompt_tokens(dataset.prompt(e), tokenizer),

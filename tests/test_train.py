@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import data  # noqa: E402
 import eval as evaluation  # noqa: E402
 import train  # noqa: E402
 
@@ -95,6 +96,16 @@ def run_killed(argv: list[str], patch: str) -> subprocess.CompletedProcess:
     return run_script(["-c", code])
 
 
+def kill_at_step(step: int) -> str:
+    """A run_killed patch: SIGKILL when optimizer step `step` (0-based) starts (reseed_dropout opens every step)."""
+    return ("original = train.reseed_dropout\n"
+            "def reseed(seed, step, rank):\n"
+            f"    if step == {step}:\n"
+            "        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    original(seed, step, rank)\n"
+            "train.reseed_dropout = reseed")
+
+
 def step_losses(out: Path) -> list[tuple[int, float]]:
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     return [(r["step"], r["loss"]) for r in records if "loss" in r]
@@ -164,7 +175,7 @@ def test_learning_rate_matches_transformers_linear_schedule():
 
 @pytest.mark.parametrize("count,world", [(7, 2), (1, 3), (128, 8), (10, 3), (0, 2)])
 def test_shards_cover_the_batch_once_in_order(count, world):
-    shards = [evaluation.shard_bounds(count, rank, world) for rank in range(world)]
+    shards = [data.shard_bounds(count, rank, world) for rank in range(world)]
     assert [i for start, stop in shards for i in range(start, stop)] == list(range(count))
     sizes = [stop - start for start, stop in shards]
     assert max(sizes) - min(sizes) <= 1
@@ -187,13 +198,7 @@ def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path, ti
     out = tmp_path / "run"
     argv = train_argv(tiny_llama, office_slice, out)
     # Killed when step 6 starts: step 5 (mid-epoch 2) is already logged, the last checkpoint is step 4.
-    patch = ("original = train.reseed_dropout\n"
-             "def reseed(seed, step, rank):\n"
-             "    if step == 5:\n"
-             "        os.kill(os.getpid(), signal.SIGKILL)\n"
-             "    original(seed, step, rank)\n"
-             "train.reseed_dropout = reseed")
-    killed = run_killed(argv, patch)
+    killed = run_killed(argv, kill_at_step(5))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert [s for s, _ in step_losses(out)] == [1, 2, 3, 4, 5]
     assert manifest(out)["last"] == "step-00000004"
@@ -262,7 +267,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     monkeypatch.setattr(train.losses, "bear", lambda *args, **kwargs: real_bear(*args, **kwargs)
                         * (float("nan") if current["step"] == 3 else 1.0))
     out = tmp_path / "run"
-    code = evaluation.cli_main(train.main, train_argv(tiny_llama, office_slice, out, save_every=1),
+    code = data.cli_main(train.main, train_argv(tiny_llama, office_slice, out, save_every=1),
                                stopped_errors=(train.TrainingStopped,))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
@@ -308,7 +313,7 @@ def test_bad_inputs_give_one_error_line_and_write_nothing(case, tmp_path, tiny_l
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} if out.exists() else None
 
     try:
-        code = evaluation.cli_main(train.main, argv)
+        code = data.cli_main(train.main, argv)
     except SystemExit as exit:  # argparse
         code = exit.code
     err = capsys.readouterr().err.strip().splitlines()
