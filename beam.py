@@ -38,6 +38,7 @@ from typing import NamedTuple
 import torch
 
 from data import collate_prompts
+from loss import segment_logsumexp
 from model import KVCache
 
 
@@ -437,10 +438,7 @@ def _token_log_probs(logits, row, token, mask_before_softmax):
     valid_logit = logits[row, token]                                                    # (M,)
     if not mask_before_softmax:
         return (valid_logit - torch.logsumexp(logits, dim=-1)[row]).cpu()
-    num_rows = logits.shape[0]
-    row_max = logits.new_full((num_rows,), -math.inf).scatter_reduce(0, row, valid_logit, "amax")   # (R,)
-    sum_exp = logits.new_zeros(num_rows).index_add(0, row, torch.exp(valid_logit - row_max[row]))   # (R,)
-    return (valid_logit - (row_max + torch.log(sum_exp))[row]).cpu()
+    return (valid_logit - segment_logsumexp(valid_logit, row, logits.shape[0])[row]).cpu()
 
 
 def _top_per_user(cand_user, cand_score, num_users, k):

@@ -176,12 +176,17 @@ def _masked_log_softmax_parts(logits, labels, valid_row, valid_token, tau):
     # Exactly one label pair per row, so an index_add places each row's label logit.
     z_label = z_valid.new_zeros(num_positions).index_add(0, valid_row[is_label], z_valid[is_label])  # (N,)
 
-    # Grouped logsumexp: subtract the (detached) row maximum so exp() cannot overflow.
-    row_max = torch.full((num_positions,), -torch.inf, device=logits.device)
-    row_max = row_max.scatter_reduce(0, valid_row, z_valid.detach(), reduce="amax")   # (N,)
-    sum_exp = z_valid.new_zeros(num_positions).index_add(0, valid_row, torch.exp(z_valid - row_max[valid_row]))
-    lse = torch.log(sum_exp) + row_max                                                 # (N,)
+    lse = segment_logsumexp(z_valid, valid_row, num_positions)                         # (N,)
     return z_valid, z_label, lse
+
+
+def segment_logsumexp(values, rows, num_rows):
+    """logsumexp of `values` (M,) within each of `num_rows` rows, (num_rows,): the normaliser of a softmax
+    restricted to each row's valid tokens (here and in beam.py's masked scores). The row maximum is subtracted so
+    exp() cannot overflow; it is detached, as it cancels out of the gradient."""
+    row_max = values.new_full((num_rows,), -torch.inf).scatter_reduce(0, rows, values.detach(), reduce="amax")
+    sum_exp = values.new_zeros(num_rows).index_add(0, rows, torch.exp(values - row_max[rows]))  # (num_rows,)
+    return torch.log(sum_exp) + row_max
 
 
 @torch.no_grad()
