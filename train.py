@@ -203,7 +203,7 @@ class Run:
 
 def train(config: TrainConfig, given: set[str], dist: Distributed) -> dict:
     run = start_run(config, given, dist)
-    state, out = run.state, run.out
+    config, state, out = run.config, run.state, run.out  # a --resume runs the saved config
     if state["step"] >= run.total_steps:
         if dist.rank == 0:
             print(f"{out}: already trained for {state['step']} steps, nothing to do", flush=True)
@@ -219,8 +219,8 @@ def train(config: TrainConfig, given: set[str], dist: Distributed) -> dict:
             log.write(json.dumps(record, allow_nan=False) + "\n")
             log.flush()
             rate = (time.time() - start_time) / (step - start_step)
-            print(f"step {step}/{run.total_steps} | epoch {epoch} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-                  f"{record['tokens_per_s']:.0f} label tok/s | {rate:.2f} s/step | "
+            print(f"step {step}/{run.total_steps} | epoch {epoch} | loss {record['loss']:.4f} | "
+                  f"lr {record['lr']:.2e} | {record['tokens_per_s']:.0f} label tok/s | {rate:.2f} s/step | "
                   f"~{format_seconds(rate * (run.total_steps - step))} left", flush=True)
 
         end_of_epoch = step % run.steps_per_epoch == 0 or step == run.total_steps
