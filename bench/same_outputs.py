@@ -84,6 +84,8 @@ def compare(before_path: str, after_path: str) -> int:
         same &= equal
         print(f"{key}: {'identical' if equal else 'DIFFERENT'}")
     for key, seconds in before["timing"].items():
+        if key not in after["timing"]:
+            continue
         print(f"{key}: before {seconds:.1f} s, after {after['timing'][key]:.1f} s, "
               f"after/before {after['timing'][key] / seconds:.3f}")
     return 0 if same else 1
