@@ -114,7 +114,8 @@ def run_study(preset: Preset, results: Path, work: Path) -> None:
     write_json(results / "selection.json", {"msl": msl["name"], "bear": bear["name"], "lr": lr,
                                             "topk_weight": tw, "xi": xi, "lam": lam})
 
-    for arm, run in (("base", None), ("sft", sft), ("msl", msl), ("bear", bear)):
+    # The comparison the paper is about first, so a study stopped early has it: BEAR vs MSL, then SFT, base.
+    for arm, run in (("msl", msl), ("bear", bear), ("sft", sft), ("base", None)):
         evaluate_unit(preset, results, work, arm, run)
     for arm, name, flags in (("obj31", f"obj31-lr{lr:g}-tw{tw:g}-xi{xi:g}", dict(loss="obj31")),
                              ("bear-authors-norm", f"bearnorm-lr{lr:g}-tw{tw:g}-xi{xi:g}",
