@@ -378,7 +378,24 @@ def report(results: Path) -> str:
                      f" | {eligible} | {run['seconds_per_step']:.1f} |" if run else
                      f"| {ARM_LABELS[arm]} | - | " + " | ".join(cells) + f" | {eligible} | - |")
 
+    counted = [arm for arm in arms if "nc_rate" in columns[arm]]
+    if counted:  # the counts behind the ratios above, which the README's reading of the claims quotes
+        lines += ["", "**Counts** (test windows): hits@10 / in the exact top-10 / of those pruned / pruned and "
+                      "violating / violating the necessary condition / violating and in the exact top-10:", ""]
+        for arm in counted:
+            c = columns[arm]
+            violating = 1.0 - c["nc_rate"]
+            lines.append(f"- {ARM_LABELS[arm]}: {c['hr@10'].sum():.0f} / {c['eligible@10'].sum():.0f} / "
+                         f"{c['pruned@10'].sum():.0f} / {c['pruned_violated@10'].sum():.0f} / {violating.sum():.0f}"
+                         f" / {(violating * c['eligible@10']).sum():.0f}")
     pairs = [(a, b) for a, b in PAIRS if a in arms and b in arms]
+    for a, b in pairs:
+        if "nc_rate" in columns[a] and "nc_rate" in columns[b]:
+            gained = columns[a]["nc_rate"] * (1.0 - columns[b]["nc_rate"])
+            lost = columns[b]["nc_rate"] * (1.0 - columns[a]["nc_rate"])
+            lines.append(f"- {a} against {b}: {gained.sum():.0f} targets meet the necessary condition only under "
+                         f"{a} ({(gained * columns[a]['hr@10']).sum():.0f} of them hits@10 under {a}), "
+                         f"{lost.sum():.0f} only under {b}")
     if pairs:
         lines += ["", "**Paired bootstrap 95% CIs** of the difference (first arm minus second):", "",
                   "| difference | " + " | ".join(CI_METRICS) + " |", "|---|" + "---|" * len(CI_METRICS)]
