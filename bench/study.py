@@ -325,6 +325,19 @@ def metrics_from(columns: dict[str, np.ndarray], weights: np.ndarray | None = No
     return out
 
 
+COUNT_LABELS = {"hits": "hits@10", "eligible": "in the exact top-10", "pruned": "of those pruned",
+                "pruned_violating": "pruned and violating", "violating": "violating the necessary condition",
+                "violating_eligible": "violating and in the exact top-10"}
+
+
+def counts(columns: dict[str, np.ndarray]) -> dict[str, float]:
+    """The test windows behind the ratios (Fig. 4/6's numerators and denominators), keyed as COUNT_LABELS."""
+    violating = 1.0 - columns["nc_rate"]
+    return {"hits": columns["hr@10"].sum(), "eligible": columns["eligible@10"].sum(),
+            "pruned": columns["pruned@10"].sum(), "pruned_violating": columns["pruned_violated@10"].sum(),
+            "violating": violating.sum(), "violating_eligible": (violating * columns["eligible@10"]).sum()}
+
+
 def report(results: Path) -> str:
     preset = json.loads((results / "preset.json").read_text())
     width = preset["beam_width"]
@@ -378,21 +391,15 @@ def report(results: Path) -> str:
                      f" | {eligible} | {run['seconds_per_step']:.1f} |" if run else
                      f"| {ARM_LABELS[arm]} | - | " + " | ".join(cells) + f" | {eligible} | - |")
 
+    pairs = [(a, b) for a, b in PAIRS if a in arms and b in arms]
     counted = [arm for arm in arms if "nc_rate" in columns[arm]]
     if counted:  # the counts behind the ratios above, which the README's reading of the claims quotes
-        lines += ["", "**Counts** (test windows): hits@10 / in the exact top-10 / of those pruned / pruned and "
-                      "violating / violating the necessary condition / violating and in the exact top-10:", ""]
+        lines += ["", "**Counts** (test windows): " + " / ".join(COUNT_LABELS.values()) + ":", ""]
         for arm in counted:
-            c = columns[arm]
-            violating = 1.0 - c["nc_rate"]
-            lines.append(f"- {ARM_LABELS[arm]}: {c['hr@10'].sum():.0f} / {c['eligible@10'].sum():.0f} / "
-                         f"{c['pruned@10'].sum():.0f} / {c['pruned_violated@10'].sum():.0f} / {violating.sum():.0f}"
-                         f" / {(violating * c['eligible@10']).sum():.0f}")
-    pairs = [(a, b) for a, b in PAIRS if a in arms and b in arms]
-    for a, b in pairs:
-        if "nc_rate" in columns[a] and "nc_rate" in columns[b]:
-            gained = columns[a]["nc_rate"] * (1.0 - columns[b]["nc_rate"])
-            lost = columns[b]["nc_rate"] * (1.0 - columns[a]["nc_rate"])
+            lines.append(f"- {ARM_LABELS[arm]}: " + " / ".join(f"{v:.0f}" for v in counts(columns[arm]).values()))
+        for a, b in pairs:  # every arm of PAIRS is a model arm, so both have the necessary-condition columns
+            meets_a, meets_b = columns[a]["nc_rate"], columns[b]["nc_rate"]
+            gained, lost = meets_a * (1.0 - meets_b), meets_b * (1.0 - meets_a)
             lines.append(f"- {a} against {b}: {gained.sum():.0f} targets meet the necessary condition only under "
                          f"{a} ({(gained * columns[a]['hr@10']).sum():.0f} of them hits@10 under {a}), "
                          f"{lost.sum():.0f} only under {b}")
