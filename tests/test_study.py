@@ -122,8 +122,8 @@ def test_study_metrics_equal_eval_py_and_hand_counts(tmp_path, tiny_preset):
     run = study.train_unit(preset, results, work, "bear", loss="bear", lr=3e-2)
     study.evaluate_unit(preset, results, work, "bear", run)
     records = study.read_records(results / "test" / "bear")
-    ours = {name: float(value[0]) for name, value in
-            study.metrics_from(study.per_example(records, preset.beam_width)).items()}
+    columns = study.per_example(records, preset.beam_width)
+    ours = {name: float(value[0]) for name, value in study.metrics_from(columns).items()}
     for name, value in hand_counted(records, preset.beam_width).items():
         assert ours[name] == pytest.approx(value, abs=1e-12), name
     # The report's counts (quoted by the README), one example at a time.
@@ -131,7 +131,7 @@ def test_study_metrics_equal_eval_py_and_hand_counts(tmp_path, tiny_preset):
     eligible = [r["exact_rank"] is not None and r["exact_rank"] < 10 for r in records]
     violating = [max(r["token_ranks"]) >= preset.beam_width for r in records]
     pruned = [e and r["beam_rank"] is None for e, r in zip(eligible, records)]
-    assert study.counts(study.per_example(records, preset.beam_width)) == {
+    assert study.counts(columns) == {
         "hits": sum(hit), "eligible": sum(eligible), "pruned": sum(pruned),
         "pruned_violating": sum(p and v for p, v in zip(pruned, violating)), "violating": sum(violating),
         "violating_eligible": sum(v and e for v, e in zip(violating, eligible))}
