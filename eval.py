@@ -174,6 +174,9 @@ def run_eval(config: EvalConfig, dist: Distributed) -> dict:
         print(f"wrote {run_dir / name}", flush=True)
         if config.dump:
             data.write_text_atomic(config.dump, "".join(json.dumps(record) + "\n" for record in records))
+    # The ranks leave together: rank 1 once tore its gloo group down while rank 0 was still writing, and aborted
+    # in the teardown (CI, stop 16; SIGABRT "terminate called without an active exception").
+    dist.barrier()
     return report
 
 
