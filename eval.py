@@ -174,8 +174,9 @@ def run_eval(config: EvalConfig, dist: Distributed) -> dict:
         print(f"wrote {run_dir / name}", flush=True)
         if config.dump:
             data.write_text_atomic(config.dump, "".join(json.dumps(record) + "\n" for record in records))
-    # The ranks leave together: rank 1 once tore its gloo group down while rank 0 was still writing, and aborted
-    # in the teardown (CI, stop 16; SIGABRT "terminate called without an active exception").
+    # The ranks leave together: an idle rank that tears its gloo group down while rank 0 is still writing can
+    # abort in the teardown (SIGABRT, "terminate called without an active exception"). Success path only: in
+    # close(), a rank that raised alone would wait here instead of exiting and letting torchrun stop the rest.
     dist.barrier()
     return report
 
