@@ -18,7 +18,6 @@ The CLI:
     python data.py --raw-reviews reviews_Video_Games_5.json --raw-meta meta_Video_Games.json --out DIR
     python data.py --dataset DIR --stats                                # a dataset of your own: any folder
 """
-import argparse
 import ast
 import csv
 import dataclasses
@@ -26,7 +25,6 @@ import gzip
 import json
 import os
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections import Counter, defaultdict
@@ -36,7 +34,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
+
+from cli import build_parser, read_json, write_atomically, write_text_atomic
 
 # ----------------------------------------------------------------------------------------------------------------
 # Datasets and the prompt (SPEC §1)
@@ -166,17 +165,6 @@ class Dataset:
 def resolve_data_root(data_dir: str | None) -> Path:
     """--data-dir, else $BEAR_DATA, else ./data (it need not exist yet: --download creates it)."""
     return Path(data_dir or os.environ.get("BEAR_DATA") or "./data").expanduser()
-
-
-def read_json(path: Path):
-    """A JSON file's content; a missing or corrupt file is one error line that names it."""
-    if not path.is_file():
-        raise FileNotFoundError(f"missing file {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 def locate_dataset(name: str, data_dir: str | None) -> tuple[DatasetInfo, Path]:
@@ -699,162 +687,6 @@ def download_dataset(config: DataConfig, base_url: str | None = None, timeout: f
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Plumbing every stage's command line shares (data.py is the stage all the others import): files written whole or
-# not at all, the process group of torchrun, progress lines, argparse from a config dataclass, one-line errors.
-
-
-def write_atomically(path, write) -> None:
-    """Write `path` whole or not at all: `write(tmp)` fills `<path>.tmp`, which is then renamed over `path` (a
-    rename is atomic), so a kill at any moment leaves the old file or the new one, never a half-written one."""
-    tmp = Path(str(path) + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text_atomic(path, text: str) -> None:
-    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def write_json_atomic(path, obj) -> None:
-    """NaN/inf are refused (ValueError): they are not JSON."""
-    write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
-
-
-@dataclass
-class Distributed:
-    """This process's place among torchrun's (one process: rank 0 of 1). Collectives are no-ops on one process."""
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-
-    def broadcast(self, tensor: torch.Tensor) -> None:
-        if self.world > 1:
-            torch_dist.broadcast(tensor, src=0)
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> None:
-        if self.world > 1:
-            torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch_dist.barrier()
-
-    def close(self) -> None:
-        if self.world > 1 and torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
-
-
-def init_distributed() -> Distributed:
-    """Under torchrun (WORLD_SIZE > 1) join the process group (NCCL on GPUs, gloo on CPU); otherwise one process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Distributed(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-        torch_dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        torch_dist.init_process_group("gloo")
-    return Distributed(rank=torch_dist.get_rank(), world=torch_dist.get_world_size(), device=device)
-
-
-def shard_bounds(count: int, rank: int, world: int) -> tuple[int, int]:
-    """[start, stop) of rank's contiguous share of `count` items: the first count % world ranks get one more."""
-    base, extra = divmod(count, world)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (rank < extra)
-
-
-class Progress:
-    """A progress line for a long pass: `what: done/total unit | rate | ~time left`, printed only once the pass
-    has run a few seconds (short passes stay silent). On a terminal it is redrawn in place every second; into a
-    log file (stdout not a terminal) it is one line every `every` seconds, so the log stays readable. Rank 0
-    only. Call it with the number done so far."""
-
-    def __init__(self, what: str, total: int, unit: str = "windows", every: float = 30.0, rank: int = 0):
-        self.what, self.total, self.unit, self.rank = what, total, unit, rank
-        self.tty = sys.stdout.isatty()
-        self.every = 1.0 if self.tty else every
-        self.start = self.last = time.time()
-        self.shown = False
-
-    def __call__(self, done: int) -> None:
-        now = time.time()
-        finished = done >= self.total
-        if self.rank != 0 or (now - self.last < self.every and not (finished and self.shown)):
-            return
-        self.last, self.shown = now, True
-        rate = done / max(now - self.start, 1e-9)
-        left = (self.total - done) / rate if rate > 0 else 0.0
-        line = f"{self.what}: {done}/{self.total} {self.unit} | {rate:.2f} {self.unit}/s | ~{format_seconds(left)} left"
-        if self.tty:
-            print("\r" + line + ("\n" if finished else ""), end="", flush=True)
-        else:
-            print(line, flush=True)
-
-
-def format_seconds(seconds: float) -> str:
-    minutes, seconds = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, but a bad flag prints one line (`error: ...`) instead of the whole usage block."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-def build_parser(config_class, description: str) -> argparse.ArgumentParser:
-    """argparse from a config dataclass: one --flag per field, help and choices from the field metadata."""
-    parser = OneLineErrorParser(description=description)
-    for f in dataclasses.fields(config_class):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
-        else:
-            kind = {int: int, float: float, "int": int, "float": float}.get(f.type, str)
-            parser.add_argument(flag, type=kind, default=f.default, choices=f.metadata.get("choices"),
-                                help=f.metadata["help"] + " (default: %(default)s)")
-    return parser
-
-
-def cli_main(main, argv=None, stopped_errors=()) -> int:
-    """Run `main(argv)`; a bad input (ValueError / FileNotFoundError) or a stopped run prints one line
-    `error: ...` (on rank 0 only: every rank meets the same bad input) and exits 2 (1 for a stopped run); Ctrl-C
-    prints one line and exits 130, the shell's code for SIGINT (files are only ever replaced whole, so nothing
-    half-written is left). Under torchrun the line also goes into the launcher's own failure summary."""
-    try:
-        return main(argv)
-    except (ValueError, FileNotFoundError, *stopped_errors) as err:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {err}", file=sys.stderr, flush=True)
-        record_for_torchrun(f"error: {err}")
-        return 1 if isinstance(err, stopped_errors) else 2
-    except KeyboardInterrupt:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print("error: interrupted (Ctrl-C); completed checkpoints and result files are intact", file=sys.stderr,
-                  flush=True)
-        return 130
-
-
-def record_for_torchrun(message: str) -> None:
-    """torchrun prints each failed child's error file (TORCHELASTIC_ERROR_FILE) in its final summary, where a
-    reader looks first; without it the summary says only `error_file: <N/A>` below ~50 lines of launcher
-    traceback. The format is torch.distributed.elastic's (what its @record decorator writes)."""
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if path and int(os.environ.get("RANK", "0")) == 0:
-        error = {"message": {"message": message, "extraInfo": {"py_callstack": message,
-                                                                "timestamp": str(int(time.time()))}}}
-        Path(path).write_text(json.dumps(error))
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # CLI
 
 
@@ -873,7 +705,7 @@ def print_statistics(config: DataConfig, tokenizer_path: str | None) -> None:
     for note in dataset.notes:
         print(f"  note: {note}")
     if tokenizer_path:
-        from model import load_tokenizer  # the model stage owns tokenisation
+        from tokenizer import load_tokenizer
         tokenizer = load_tokenizer(tokenizer_path)
         trie = build_trie(dataset, tokenizer)
         lengths = [len(t) for t in trie.item_tokens.values()]

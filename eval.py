@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as torch_dist
 
 import beam
 import data
-from data import Distributed, Progress, build_parser, cli_main, init_distributed, shard_bounds
+from cli import (Distributed, Progress, build_parser, cli_main, init_distributed, read_json, resolve_checkpoint,
+                 resolve_model, shard_bounds, write_json_atomic, write_text_atomic)
 from lora import load_adapter
-from model import DTYPES, load_model, load_tokenizer, resolve_model
+from model import DTYPES, load_model
+from tokenizer import load_tokenizer
 
 CUTOFFS = (5, 10)  # the K of NDCG@K / HR@K / PR@K (SPEC §5)
 
@@ -82,15 +83,6 @@ def evaluate(model, dataset, tokenizer, trie, examples, beam_config, dist: Distr
     return metrics, records
 
 
-def gather_records(records: list, dist: Distributed) -> list:
-    """Every rank's records, in example order (the shards are contiguous), on every rank."""
-    if dist.world == 1:
-        return records
-    everything = [None] * dist.world
-    torch_dist.all_gather_object(everything, records)
-    return [record for part in everything for record in part]
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The CLI
 # ---------------------------------------------------------------------------------------------------------
@@ -112,23 +104,6 @@ class EvalConfig:
                                                                       "(stock constrained generation)"})
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """A run folder -> its best checkpoint (checkpoint.json, written last by train.py); a checkpoint folder
-    -> itself."""
-    if not path.is_dir():
-        raise FileNotFoundError(f"--ckpt {path}: no such folder")
-    manifest = path / "checkpoint.json"
-    if manifest.exists():
-        fields = data.read_json(manifest)
-        if not isinstance(fields, dict) or not isinstance(fields.get("best", fields.get("last")), str):
-            raise ValueError(f"{manifest}: names no checkpoint folder (no \"last\"); the file is damaged")
-        return path / fields.get("best", fields["last"])
-    if (path / "adapter_config.json").exists() and (path / "train_config.json").exists():
-        return path
-    raise FileNotFoundError(f"--ckpt {path}: neither a training run (no checkpoint.json) nor a checkpoint "
-                            f"folder (adapter_config.json + train_config.json)")
-
-
 def run_eval(config: EvalConfig, dist: Distributed) -> dict:
     if not config.ckpt:
         raise ValueError("--ckpt is required (a train.py --out folder)")
@@ -136,7 +111,7 @@ def run_eval(config: EvalConfig, dist: Distributed) -> dict:
         raise ValueError(f"--limit must be >= 0 and --batch >= 1, got {config.limit} and {config.batch}")
     run_dir = Path(config.ckpt)
     checkpoint = resolve_checkpoint(run_dir)
-    trained = data.read_json(checkpoint / "train_config.json")
+    trained = read_json(checkpoint / "train_config.json")
     if trained.get("prompt_template", data.PROMPT) != data.PROMPT:
         raise ValueError(f"{checkpoint / 'train_config.json'}: trained with a different prompt template than "
                          f"data.PROMPT; evaluate with the code version that trained it")
@@ -157,7 +132,7 @@ def run_eval(config: EvalConfig, dist: Distributed) -> dict:
     started = time.time()
     metrics, records = evaluate(model, dataset, tokenizer, trie, examples, beam_config, dist,
                                 pruning=config.pruning, keep_results=bool(config.dump), label=config.split)
-    records = gather_records(records, dist) if config.dump else []
+    records = dist.gather(records) if config.dump else []
     report = {"checkpoint": checkpoint.name, "split": config.split, **metrics,
               "beam_width": trained["beam_width"], "length_penalty": config.length_penalty,
               "mask_before_softmax": not config.mask_after_softmax}
@@ -170,10 +145,10 @@ def run_eval(config: EvalConfig, dist: Distributed) -> dict:
         # Only a whole test split is THE result; a quick look (--limit) or the validation split goes beside it.
         name = "metrics.json" if config.split == "test" and not config.limit else \
             f"metrics-{config.split}" + (f"-limit{config.limit}" if config.limit else "") + ".json"
-        data.write_json_atomic(run_dir / name, report)
+        write_json_atomic(run_dir / name, report)
         print(f"wrote {run_dir / name}", flush=True)
         if config.dump:
-            data.write_text_atomic(config.dump, "".join(json.dumps(record) + "\n" for record in records))
+            write_text_atomic(config.dump, "".join(json.dumps(record) + "\n" for record in records))
     # The ranks leave together: an idle rank that tears its gloo group down while rank 0 is still writing can
     # abort in the teardown (SIGABRT, "terminate called without an active exception"). Success path only: in
     # close(), a rank that raised alone would wait here instead of exiting and letting torchrun stop the rest.

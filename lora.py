@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from data import write_atomically, write_text_atomic
+from cli import write_atomically, write_text_atomic
 
 # The seven linear projections of a Llama block that LoRA may target (module names mirror Hugging Face's).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -49,15 +49,15 @@ import torch
 import data
 import loss as losses
 from beam import BeamConfig, prefix_thresholds
-from data import (Distributed, Progress, build_parser, cli_main, format_seconds, init_distributed, shard_bounds,
-                  write_json_atomic)
+from cli import (MANIFEST_FILE, Distributed, ModelSource, Progress, build_parser, cli_main, format_seconds,
+                 init_distributed, read_json, read_manifest, resolve_model, shard_bounds, write_json_atomic)
 from eval import evaluate
 from lora import LoraConfig, apply_lora, load_adapter, save_adapter
-from model import DEFAULT_MODEL, DTYPES, ModelSource, load_model, load_tokenizer, resolve_model
+from model import DEFAULT_MODEL, DTYPES, load_model
+from tokenizer import load_tokenizer
 
 LOSSES = ("sft", "msl", "bear", "obj31")
 CONFIG_FILE = "train_config.json"  # the run's TrainConfig, in --out and in every checkpoint folder
-MANIFEST_FILE = "checkpoint.json"  # written last, atomically: names the complete checkpoint folders
 STATE_FILE = "trainer_state.pt"  # optimizer moments, step, best metric, log length (beside the adapter files)
 LOG_FILE = "log.jsonl"
 
@@ -342,7 +342,7 @@ def start_run(config: TrainConfig, given: set[str], dist: Distributed) -> Run:
     config = prepare_out_dir(config, given, dist)
     out = Path(config.out)
     # A resumed run uses the very weights it started with (a hub id's recorded commit).
-    saved_revision = data.read_json(out / CONFIG_FILE).get("model_revision") \
+    saved_revision = read_json(out / CONFIG_FILE).get("model_revision") \
         if config.resume and (out / CONFIG_FILE).exists() else None
     source = resolve_model(config.model, revision=saved_revision)
     if dist.rank == 0:
@@ -480,7 +480,7 @@ def config_record(config: TrainConfig, source: ModelSource) -> dict:
 
 def read_config(path: Path) -> TrainConfig:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    saved = data.read_json(path)
+    saved = read_json(path)
     if not isinstance(saved, dict) or not {"dataset", "loss", "model"} <= set(saved):
         raise ValueError(f"{path}: not a train.py config; the file is damaged")
     return TrainConfig(**{k: v for k, v in saved.items() if k in names})
@@ -493,16 +493,6 @@ def remove_run(out: Path) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
-
-
-def read_manifest(out: Path) -> dict | None:
-    path = out / MANIFEST_FILE
-    if not path.exists():
-        return None
-    manifest = data.read_json(path)
-    if not isinstance(manifest, dict) or not (out / str(manifest.get("last"))).is_dir():
-        raise ValueError(f"{path}: names no checkpoint folder of {out}; the file is damaged")
-    return manifest
 
 
 def read_state(checkpoint: Path) -> dict:

@@ -25,6 +25,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import beam  # noqa: E402
 import data  # noqa: E402
 import model as llama  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 
 
 @torch.no_grad()
@@ -73,7 +74,7 @@ def main():
 
     torch.manual_seed(0)
     dataset = data.load_dataset(data.DataConfig("office", data_dir=args.data, max_history=args.max_history))
-    tokenizer = llama.load_tokenizer(args.model)
+    tokenizer = load_tokenizer(args.model)
     trie = data.build_trie(dataset, tokenizer)
     prompts = [data.prompt_tokens(dataset.prompt(e), tokenizer) for e in dataset.test[:args.users]]
     ours = llama.load_model(args.model, dtype=torch.bfloat16)

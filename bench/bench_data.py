@@ -24,7 +24,7 @@ def peak_rss_mb() -> float:
 
 def load_tokenizer(path: Path):
     try:
-        from model import load_tokenizer
+        from tokenizer import load_tokenizer
         return load_tokenizer(path), "model.load_tokenizer"
     except (ImportError, AttributeError):   # the model stage not there yet: the HF library as a stand-in
         sys.path.insert(0, str(REPO / "tests"))

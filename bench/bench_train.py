@@ -25,11 +25,12 @@ sys.path.insert(0, str(REPO))
 import data  # noqa: E402
 from bench_model import interleaved_medians  # noqa: E402  (this folder is on sys.path when run as a script)
 import train  # noqa: E402
-from data import Distributed  # noqa: E402
+from cli import Distributed  # noqa: E402
 from eval import evaluate  # noqa: E402
 from beam import BeamConfig  # noqa: E402
 from lora import apply_lora  # noqa: E402
-from model import load_model, load_tokenizer  # noqa: E402
+from model import load_model  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 
 
 def our_step(model, optimizer, batch, micro, trie, config, tokenizer):

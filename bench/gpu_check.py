@@ -71,10 +71,11 @@ import beam  # noqa: E402  (the stages are flat files at the repo root)
 import data  # noqa: E402
 import lora  # noqa: E402
 import model as llama  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 import train  # noqa: E402
 from bench_beam import transformers_constrained_search  # noqa: E402  (bench/ is on sys.path as the script's folder)
 from bench_model import BenchConfig, interleaved_medians, office_batch, training_step_flops  # noqa: E402
-from data import Distributed, build_parser, cli_main  # noqa: E402
+from cli import Distributed, build_parser, cli_main  # noqa: E402
 
 
 @dataclass
@@ -372,7 +373,7 @@ def check_training(work: Path, model_dir: Path, data_dir: str, device: torch.dev
 KILL_LAUNCHER = '''"""train.py, SIGKILLed when optimizer step {step} (0-based) starts. Written by bench/gpu_check.py."""
 import os, signal, sys
 sys.path.insert(0, {repo!r})
-import data
+import cli
 import train
 original = train.reseed_dropout
 def reseed(seed, step, rank):
@@ -380,7 +381,7 @@ def reseed(seed, step, rank):
         os.kill(os.getpid(), signal.SIGKILL)
     original(seed, step, rank)
 train.reseed_dropout = reseed
-sys.exit(data.cli_main(train.main))
+sys.exit(cli.cli_main(train.main))
 '''
 KILL_STEP = 5
 
@@ -714,7 +715,7 @@ def main(argv=None) -> int:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
         "torch": torch.__version__, **versions, "work_dir": str(work)})
 
-    tokenizer = llama.load_tokenizer(Path(config.tokenizer) / tokenizer_files(Path(config.tokenizer))[0])
+    tokenizer = load_tokenizer(Path(config.tokenizer) / tokenizer_files(Path(config.tokenizer))[0])
     dataset = data.load_dataset(data.DataConfig("office", data_dir=config.data_dir))
     trie = data.build_trie(dataset, tokenizer)
     prompts = [data.prompt_tokens(dataset.prompt(e), tokenizer) for e in dataset.test[:sizes.beam_prompts]]

@@ -33,7 +33,11 @@ def fingerprint(args) -> dict:
     import data
     import train
     from lora import load_adapter
-    from model import load_model, load_tokenizer
+    from model import load_model
+    try:
+        from tokenizer import load_tokenizer
+    except ImportError:  # a checkout from before tokenizer.py
+        from model import load_tokenizer
     result, timing = {}, {}
     tokenizer = load_tokenizer(args.model)
     dataset = data.load_dataset(data.DataConfig("office", data_dir=args.data_dir, train_samples=512))

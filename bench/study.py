@@ -217,9 +217,10 @@ def evaluate_unit(preset: Preset, results: Path, work: Path, arm: str, run: dict
     import torch
     import beam
     import data
-    from data import Progress
+    from cli import Progress
     from lora import load_adapter
-    from model import DTYPES, load_model, load_tokenizer
+    from model import DTYPES, load_model
+    from tokenizer import load_tokenizer
 
     started = time.time()
     partial = work / "test" / f"{arm}.partial.jsonl"

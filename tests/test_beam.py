@@ -14,6 +14,7 @@ import transformers
 import beam
 import data
 import model as llama
+from tokenizer import load_tokenizer
 
 EOS, PAD, QUOTE = 2, 0, 3
 
@@ -385,7 +386,7 @@ def test_beam_search_equals_hf_generate_smollm2(smollm2_dir, data_root):
     $BEAR_BEAM_HF_PROMPTS overrides the prompt count."""
     count = int(os.environ.get("BEAR_BEAM_HF_PROMPTS", "200"))
     dataset = data.load_dataset(data.DataConfig("office", data_dir=str(data_root), max_history=2))
-    tokenizer = llama.load_tokenizer(smollm2_dir)
+    tokenizer = load_tokenizer(smollm2_dir)
     eos = tokenizer.eos_id
     full = data.build_trie(dataset, tokenizer)
     cut = {item: tokens[:TRUNCATED_TITLE_TOKENS] + (eos,) if len(tokens) > TRUNCATED_TITLE_TOKENS + 1 else tokens

@@ -58,7 +58,7 @@ def oracles(llama3_tokenizer_dir, smollm2_dir):
 @pytest.fixture(scope="session")
 def tokenizers(oracles, llama3_tokenizer_dir, smollm2_dir):
     """What data.py runs with: the product's tokenizer (model.load_tokenizer); the HF library stays the oracle."""
-    from model import load_tokenizer
+    from tokenizer import load_tokenizer
     return {"llama3": load_tokenizer(llama3_tokenizer_dir), "smollm2": load_tokenizer(smollm2_dir)}
 
 

@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import cli  # noqa: E402
 import data  # noqa: E402
 import eval as evaluation  # noqa: E402
 from test_train import office_slice, run_script, tiny_llama, train_argv  # noqa: E402,F401  (fixtures)
@@ -118,7 +119,7 @@ def test_eval_bad_inputs_give_one_error_line_and_write_nothing(case, trained, tm
             "unknown split": ["--ckpt", str(trained), "--split", "train"]}[case]
     before = {p: p.read_bytes() for p in [*trained.rglob("*"), *tmp_path.rglob("*")] if p.is_file()}
     try:
-        code = data.cli_main(evaluation.main, argv)
+        code = cli.cli_main(evaluation.main, argv)
     except SystemExit as exit:  # argparse
         code = exit.code
     err = capsys.readouterr().err.strip().splitlines()

@@ -85,8 +85,8 @@ def test_hub_id_trains_and_evaluates_from_the_cache_and_the_checkpoint_pins_its_
         shutil.rmtree(newer)
 
 
-MISSING_HUB = "import sys; sys.modules['huggingface_hub'] = None; sys.path.insert(0, '.'); import data, train; " \
-              "sys.exit(data.cli_main(train.main, sys.argv[1:]))"
+MISSING_HUB = "import sys; sys.modules['huggingface_hub'] = None; sys.path.insert(0, '.'); import cli, train; " \
+              "sys.exit(cli.cli_main(train.main, sys.argv[1:]))"
 
 
 @pytest.mark.parametrize("case", ["uncached offline", "malformed", "no huggingface_hub", "missing folder"])
@@ -166,11 +166,11 @@ def test_a_quick_look_leaves_the_test_result_alone_and_the_data_root_is_recorded
 def test_ctrl_c_in_eval_is_one_line_and_writes_nothing(finished):
     """SIGINT arrives in the middle of the test search (sent by the process to itself when the search starts)."""
     before = files(finished)
-    code = ("import os, signal, sys\nsys.path.insert(0, '.')\nimport beam, data, eval\noriginal = beam.beam_search\n"
+    code = ("import os, signal, sys\nsys.path.insert(0, '.')\nimport beam, cli, eval\noriginal = beam.beam_search\n"
             "def interrupted(*args, **kwargs):\n    os.kill(os.getpid(), signal.SIGINT)\n"
             "    return original(*args, **kwargs)\n"
             "beam.beam_search = interrupted\n"
-            f"sys.exit(data.cli_main(eval.main, ['--ckpt', {str(finished)!r}]))\n")
+            f"sys.exit(cli.cli_main(eval.main, ['--ckpt', {str(finished)!r}]))\n")
     result = run(["-c", code])
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 130 and len(lines) == 1, result.stderr[-2000:]

@@ -20,11 +20,13 @@ sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests"))
 
 import beam  # noqa: E402
+import cli  # noqa: E402
 import data  # noqa: E402
 import eval as evaluation  # noqa: E402
 import study  # noqa: E402
 from lora import load_adapter  # noqa: E402
-from model import load_model, load_tokenizer  # noqa: E402
+from model import load_model  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 from test_train import (adapter, kill_at_step, make_office_slice, make_tiny_llama, run_killed, run_script,  # noqa: E402
                         step_losses)
 
@@ -145,7 +147,7 @@ def test_study_metrics_equal_eval_py_and_hand_counts(tmp_path, tiny_preset):
     model.eval()
     config = beam.BeamConfig(beam_width=preset.beam_width, batch_size=preset.eval_batch)
     reference, _ = evaluation.evaluate(model, dataset, tokenizer, trie, dataset.test[:6], config,
-                                       data.Distributed(), pruning=True)
+                                       cli.Distributed(), pruning=True)
     for name in ("ndcg@5", "ndcg@10", "hr@5", "hr@10", "pr@5", "pr@10"):
         assert ours[name] == pytest.approx(reference[name], abs=1e-12), name
     violated = [beam.violates_necessary_condition(model, data.prompt_tokens(dataset.prompt(e), tokenizer),

@@ -9,7 +9,7 @@ import pytest
 import sentencepiece
 from tokenizers import Tokenizer as HFTokenizer
 
-import model as M
+import tokenizer as M
 
 DATASETS = {  # SPEC §1: instruction and prefix per dataset
     "Toy": ("Given a list of toys the user has played before, please recommend a new toy that the user likes to the user.",

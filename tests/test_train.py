@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import cli  # noqa: E402
 import data  # noqa: E402
 import eval as evaluation  # noqa: E402
 import train  # noqa: E402
@@ -175,7 +176,7 @@ def test_learning_rate_matches_transformers_linear_schedule():
 
 @pytest.mark.parametrize("count,world", [(7, 2), (1, 3), (128, 8), (10, 3), (0, 2)])
 def test_shards_cover_the_batch_once_in_order(count, world):
-    shards = [data.shard_bounds(count, rank, world) for rank in range(world)]
+    shards = [cli.shard_bounds(count, rank, world) for rank in range(world)]
     assert [i for start, stop in shards for i in range(start, stop)] == list(range(count))
     sizes = [stop - start for start, stop in shards]
     assert max(sizes) - min(sizes) <= 1
@@ -244,7 +245,7 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint(tmp_path,
     # What a reader (eval.py, --resume) finds is the previous checkpoint, complete and loadable.
     fields = manifest(out)
     assert fields["last"] == expected_last
-    checkpoint = evaluation.resolve_checkpoint(out)
+    checkpoint = cli.resolve_checkpoint(out)
     assert checkpoint.parent == out and checkpoint.name == fields.get("best", fields["last"])
     state = torch.load(out / fields["last"] / train.STATE_FILE, weights_only=False)
     assert state["step"] == int(expected_last.split("-")[1])
@@ -267,7 +268,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     monkeypatch.setattr(train.losses, "bear", lambda *args, **kwargs: real_bear(*args, **kwargs)
                         * (float("nan") if current["step"] == 3 else 1.0))
     out = tmp_path / "run"
-    code = data.cli_main(train.main, train_argv(tiny_llama, office_slice, out, save_every=1),
+    code = cli.cli_main(train.main, train_argv(tiny_llama, office_slice, out, save_every=1),
                                stopped_errors=(train.TrainingStopped,))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
@@ -313,7 +314,7 @@ def test_bad_inputs_give_one_error_line_and_write_nothing(case, tmp_path, tiny_l
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} if out.exists() else None
 
     try:
-        code = data.cli_main(train.main, argv)
+        code = cli.cli_main(train.main, argv)
     except SystemExit as exit:  # argparse
         code = exit.code
     err = capsys.readouterr().err.strip().splitlines()
