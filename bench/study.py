@@ -68,6 +68,11 @@ class Preset:
     seed: int = 42
     bootstrap: int = 2000     # paired bootstrap resamples
     chunk: int = 64           # test windows between two appends to the partial examples file
+    # RQ5 (Fig. 8): BEAR one factor at a time around its chosen (lambda', xi): these lambda' at the chosen
+    # xi, and these xi at the chosen lambda' (points equal to the chosen one are not run twice)
+    sweep_topk_weights: tuple = ()
+    sweep_xis: tuple = ()
+    scale_samples: int = 0    # a scale point: MSL and the chosen BEAR again on this many windows (0 = none)
 
 
 PRESETS = {
@@ -77,13 +82,14 @@ PRESETS = {
                   model=os.path.expanduser(os.environ.get("BEAR_SMOLLM2", "~/.cache/bear-tests/smollm2")),
                   data_dir=str(REPO.parent / "shared" / "data" / "amazon"), train_samples=512, epochs=2,
                   global_batch=16, micro_batch=8, warmup_steps=2, lr_grid=(5e-4, 1e-3, 2e-3),
-                  bear_grid=((0.25, 2.75), (1.0, 1.0), (3.0, 0.5)), valid_limit=200, test_limit=0),
+                  bear_grid=((0.25, 2.75), (1.0, 1.0), (3.0, 0.5)), valid_limit=200, test_limit=0,
+                  sweep_topk_weights=(0.1, 1.0, 5.0), sweep_xis=(0.5, 1.0), scale_samples=2048),
     # SPEC §7 on 8 GPUs: Llama-3.2-3B, 10k windows, 10 epochs, global batch 128, lr 1e-4.
     "paper": Preset(dataset="office", model="meta-llama/Llama-3.2-3B",
                     data_dir=str(REPO.parent / "shared" / "data" / "amazon"), train_samples=10000, epochs=10,
                     global_batch=128, micro_batch=8, warmup_steps=20, lr_grid=(1e-4,),
                     bear_grid=((0.25, 2.75), (1.0, 1.0), (3.0, 0.5)), valid_limit=0, test_limit=0,
-                    save_every=20, nproc=8),
+                    save_every=20, nproc=8, sweep_topk_weights=(0.1, 1.0, 5.0), sweep_xis=(0.5, 1.0)),
 }
 
 
@@ -124,7 +130,26 @@ def run_study(preset: Preset, results: Path, work: Path) -> None:
                               dict(loss="bear", surrogate="violators"))):
         run = train_unit(preset, results, work, name, lr=lr, lam=lam, xi=xi, **flags)
         evaluate_unit(preset, results, work, arm, run)
+    # RQ5: lambda' and xi one at a time around BEAR's chosen point (run, like every unit, only if missing).
+    for sweep_tw, sweep_xi in sweep_points(preset, tw, xi):
+        run = train_unit(preset, results, work, f"bear-lr{lr:g}-tw{sweep_tw:g}-xi{sweep_xi:g}", loss="bear",
+                         lr=lr, lam=sweep_tw * sweep_xi, xi=sweep_xi)
+        evaluate_unit(preset, results, work, f"bear-tw{sweep_tw:g}-xi{sweep_xi:g}", run)
+    # Scale: MSL and the chosen BEAR on more training windows, everything else the same.
+    if preset.scale_samples:
+        n = preset.scale_samples
+        for arm, name, flags in ((f"msl-n{n}", f"msl-lr{lr:g}-n{n}", dict(loss="msl")),
+                                 (f"bear-n{n}", f"bear-lr{lr:g}-tw{tw:g}-xi{xi:g}-n{n}",
+                                  dict(loss="bear", lam=lam, xi=xi))):
+            run = train_unit(preset, results, work, name, lr=lr, train_samples=n, **flags)
+            evaluate_unit(preset, results, work, arm, run)
     print(f"study: every unit done ({time.time() - started:.0f} s this invocation)", flush=True)
+
+
+def sweep_points(preset: Preset, tw: float, xi: float) -> list[tuple[float, float]]:
+    """RQ5's one-factor-at-a-time points around the chosen (lambda', xi), the chosen point left out."""
+    points = [(t, xi) for t in preset.sweep_topk_weights] + [(tw, x) for x in preset.sweep_xis]
+    return [point for point in points if point != (tw, xi)]
 
 
 def select(runs: list[dict]) -> dict:
@@ -342,7 +367,10 @@ def counts(columns: dict[str, np.ndarray]) -> dict[str, float]:
 def report(results: Path) -> str:
     preset = json.loads((results / "preset.json").read_text())
     width = preset["beam_width"]
-    arms = {arm: read_records(results / "test" / arm) for arm in ARMS if (results / "test" / arm).exists()}
+    tested = [arm for arm in ARMS if (results / "test" / arm).exists()] + sorted(
+        path.name for path in (results / "test").glob("*") if path.is_dir() and path.name not in ARMS) \
+        if (results / "test").exists() else []
+    arms = {arm: read_records(results / "test" / arm) for arm in tested}
     columns = {arm: per_example(records, width) for arm, records in arms.items()}
     point = {arm: {name: float(value[0]) for name, value in metrics_from(cols).items()}
              for arm, cols in columns.items()}
@@ -388,16 +416,17 @@ def report(results: Path) -> str:
         run = runs.get(arm_run[arm])
         cells = [f"{m[name]:.4f}" if name in m else "n/a" for name in names]
         eligible = int(columns[arm]["eligible@10"].sum()) if "eligible@10" in columns[arm] else "n/a"
-        lines.append(f"| {ARM_LABELS[arm]} | {arm_run[arm] or '-'} | " + " | ".join(cells) +
+        label = ARM_LABELS.get(arm, arm)
+        lines.append(f"| {label} | {arm_run[arm] or '-'} | " + " | ".join(cells) +
                      f" | {eligible} | {run['seconds_per_step']:.1f} |" if run else
-                     f"| {ARM_LABELS[arm]} | - | " + " | ".join(cells) + f" | {eligible} | - |")
+                     f"| {label} | - | " + " | ".join(cells) + f" | {eligible} | - |")
 
     pairs = [(a, b) for a, b in PAIRS if a in arms and b in arms]
     counted = [arm for arm in arms if "nc_rate" in columns[arm]]
     if counted:  # the counts behind the ratios above, which the README's reading of the claims quotes
         lines += ["", "**Counts** (test windows): " + " / ".join(COUNT_LABELS.values()) + ":", ""]
         for arm in counted:
-            lines.append(f"- {ARM_LABELS[arm]}: " + " / ".join(f"{v:.0f}" for v in counts(columns[arm]).values()))
+            lines.append(f"- {ARM_LABELS.get(arm, arm)}: " + " / ".join(f"{v:.0f}" for v in counts(columns[arm]).values()))
         for a, b in pairs:  # every arm of PAIRS is a model arm, so both have the necessary-condition columns
             meets_a, meets_b = columns[a]["nc_rate"], columns[b]["nc_rate"]
             gained, lost = meets_a * (1.0 - meets_b), meets_b * (1.0 - meets_a)
@@ -416,6 +445,39 @@ def report(results: Path) -> str:
                 cells.append(f"{delta:+.4f} [{low:+.4f}, {high:+.4f}]")
             lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
 
+    def difference(a: str, b: str, name: str) -> str:
+        low, high = np.percentile(metrics_from(columns[a], weights)[name] - metrics_from(columns[b], weights)[name],
+                                  [2.5, 97.5])
+        return f"{point[a][name] - point[b][name]:+.4f} [{low:+.4f}, {high:+.4f}]"
+
+    sweep = sweep_arms(arms, selection)
+    if sweep and "msl" in arms:
+        lines += ["", "**Sensitivity to lambda' and xi** (RQ5, Fig. 8; one factor at a time around the chosen "
+                      "point; the difference to MSL with its paired bootstrap 95% CI):", "",
+                  "| lambda' | xi | arm | NDCG@10 | HR@10 | NC rate | NDCG@10 − MSL | HR@10 − MSL | NC rate − MSL |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for (tw, xi), arm in sorted(sweep.items()):
+            m = point[arm]
+            lines.append(f"| {tw:g} | {xi:g} | {arm} | {m['ndcg@10']:.4f} | {m['hr@10']:.4f} | "
+                         f"{m['nc_rate']:.4f} | " + " | ".join(difference(arm, "msl", name)
+                                                             for name in ("ndcg@10", "hr@10", "nc_rate")) + " |")
+        m = point["msl"]
+        lines.append(f"| 0 (MSL) | - | msl | {m['ndcg@10']:.4f} | {m['hr@10']:.4f} | {m['nc_rate']:.4f} | | | |")
+        sweep_figure(results, sweep, selection, point, columns, weights)
+    scaled = sorted({arm.split("-n")[1] for arm in arms if arm.startswith(("msl-n", "bear-n"))}, key=int)
+    if scaled and {"msl", "bear"} <= set(arms):
+        lines += ["", "**Scale** (the same protocol on more training windows; paired bootstrap 95% CIs):", "",
+                  "| training windows | difference | " + " | ".join(CI_METRICS) + " | eligible@10 |",
+                  "|---|---|" + "---|" * (len(CI_METRICS) + 1)]
+        rows = [(preset["train_samples"], "bear", "msl")]
+        for n in scaled:
+            rows += [(n, f"bear-n{n}", f"msl-n{n}"), (n, f"msl-n{n}", "msl")]
+        for n, a, b in rows:
+            if a in arms and b in arms:
+                eligible = f"{columns[a]['eligible@10'].sum():.0f} / {columns[b]['eligible@10'].sum():.0f}"
+                lines.append(f"| {n} | {a} − {b} | " + " | ".join(difference(a, b, name) for name in CI_METRICS)
+                             + f" | {eligible} |")
+
     costs = {arm: runs[arm_run[arm]]["seconds_per_step"] for arm in arms if arm_run[arm] in runs}
     if "sft" in costs:
         lines += ["", "Training cost per step relative to SFT (median seconds per optimizer step, same machine): " +
@@ -424,7 +486,7 @@ def report(results: Path) -> str:
         json.loads((results / "test" / arm / "unit.json").read_text())["wall_s"] for arm in arms)
     lines += ["", f"Wall time of the units done so far: {wall / 3600:.2f} h "
                   f"({len(runs)} training runs, {len(arms)} test evaluations)."]
-    figure(results, point, columns, weights)
+    figure(results, {arm: point[arm] for arm in arms if arm in ARMS}, columns, weights)
     text = "\n".join(lines) + "\n"
     (results / "report.md").write_text(text)
     return text
@@ -453,6 +515,52 @@ def figure(results: Path, point: dict, columns: dict, weights) -> None:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(results / "figure.png", dpi=120)
+    plt.close(fig)
+
+
+def sweep_arms(arms: dict, selection: dict) -> dict[tuple[float, float], str]:
+    """(lambda', xi) -> test arm of every BEAR point of the sensitivity sweep, the chosen BEAR included."""
+    points = {}
+    for arm in arms:
+        if arm.startswith("bear-tw"):
+            tw, xi = arm.removeprefix("bear-tw").split("-xi")
+            points[(float(tw), float(xi))] = arm
+    if points and "bear" in arms and selection:
+        points[(float(selection["topk_weight"]), float(selection["xi"]))] = "bear"
+    return points
+
+
+def sweep_figure(results: Path, sweep: dict, selection: dict, point: dict, columns: dict, weights) -> None:
+    """Fig. 8's layout: NDCG@10 and the necessary-condition rate against lambda' (at the chosen xi) and against
+    xi (at the chosen lambda'), bootstrap 95% bars, MSL (lambda = 0) as a dashed line."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return print("note: matplotlib is not installed, no figure (pip install matplotlib)", flush=True)
+    tw0, xi0 = float(selection["topk_weight"]), float(selection["xi"])
+    metrics = (("ndcg@10", "NDCG@10"), ("nc_rate", "necessary-condition rate"))
+    fig, axes = plt.subplots(len(metrics), 2, figsize=(8.4, 6.4), squeeze=False)
+    for row, (name, title) in enumerate(metrics):
+        for col, fixed in enumerate((lambda tw, xi: xi == xi0, lambda tw, xi: tw == tw0)):
+            keys = sorted(key for key in sweep if fixed(*key))
+            xs = [key[col] for key in keys]
+            values = [point[sweep[key]][name] for key in keys]
+            spread = [np.percentile(metrics_from(columns[sweep[key]], weights)[name], [2.5, 97.5]) for key in keys]
+            errors = np.clip([[v - lo for v, (lo, _) in zip(values, spread)],
+                              [hi - v for v, (_, hi) in zip(values, spread)]], 0, None)
+            ax = axes[row][col]
+            ax.errorbar(xs, values, yerr=errors, marker="o", capsize=3, color="#d62728", label="BEAR")
+            ax.axhline(point["msl"][name], linestyle="--", color="#1f77b4", label="MSL (lambda = 0)")
+            ax.set_xscale("log")
+            ax.set_xticks(xs, [f"{x:g}" for x in xs], minor=False)
+            ax.minorticks_off()
+            ax.set_xlabel(f"lambda' (xi = {xi0:g})" if col == 0 else f"xi (lambda' = {tw0:g})")
+            ax.set_title(title, fontsize=10)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(results / "figure-sensitivity.png", dpi=120)
     plt.close(fig)
 
 

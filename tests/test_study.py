@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -38,7 +39,8 @@ def tiny_preset(tmp_path_factory, smollm2_dir, data_root) -> study.Preset:
     return dataclasses.replace(study.PRESETS["cpu"], model=str(model), data_dir=str(slice_root), train_samples=12,
                                epochs=2, global_batch=4, micro_batch=3, warmup_steps=1, lr_grid=(1e-2, 3e-2),
                                bear_grid=((0.25, 2.75), (1.0, 1.0)), valid_limit=2, test_limit=6, beam_width=4,
-                               eval_batch=4, save_every=1, dtype="fp32", bootstrap=200, chunk=4)
+                               eval_batch=4, save_every=1, dtype="fp32", bootstrap=200, chunk=4,
+                               sweep_topk_weights=(0.5,), sweep_xis=(1.0,), scale_samples=24)
 
 
 def run_study_cli(preset: study.Preset, results: Path, work: Path) -> subprocess.CompletedProcess:
@@ -77,12 +79,23 @@ def test_study_end_to_end_resumes_skips_and_reports_from_raw_files(tmp_path, tin
     resumed, uninterrupted = adapter(results / "runs" / first / "adapter"), adapter(reference / best)
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
-    # Every unit ran and the report covers every arm.
-    for arm in study.ARMS:
+    # Every unit ran and the report covers every arm: the sensitivity sweep's points around BEAR's chosen
+    # (lambda', xi), the chosen one not run twice, and the scale point's MSL and BEAR.
+    selection = json.loads((results / "selection.json").read_text())
+    points = study.sweep_points(preset, selection["topk_weight"], selection["xi"])
+    assert len(points) in (1, 2) and (selection["topk_weight"], selection["xi"]) not in points
+    sweep = [f"bear-tw{tw:g}-xi{xi:g}" for tw, xi in points]
+    for arm in [*study.ARMS, *sweep, "msl-n24", "bear-n24"]:
         assert (results / "test" / arm / "examples.jsonl").exists(), arm
     assert (results / "valid" / "popularity" / "examples.jsonl").exists()
-    assert "| popularity (floor) |" in (results / "report.md").read_text()
-    assert len(list((results / "runs").iterdir())) == len(preset.lr_grid) + len(preset.bear_grid) + 4
+    text = (results / "report.md").read_text()
+    assert "| popularity (floor) |" in text
+    assert all(f"| {arm} |" in text for arm in sweep) and "| 0 (MSL) | - | msl |" in text
+    assert "| 24 | bear-n24 − msl-n24 |" in text and "| 24 | msl-n24 − msl |" in text
+    scaled = results / "runs" / f"msl-lr{selection['lr']:g}-n24" / "train_config.json"
+    assert json.loads(scaled.read_text())["train_samples"] == 24
+    units = len(preset.lr_grid) + len(preset.bear_grid) + 4 + len(points) + 2
+    assert len(list((results / "runs").iterdir())) == units
     assert (results / "report.md").read_text() in done.stdout
 
     # A second invocation does nothing: every unit is skipped, no file changes.
@@ -91,7 +104,7 @@ def test_study_end_to_end_resumes_skips_and_reports_from_raw_files(tmp_path, tin
     assert again.returncode == 0, again.stderr[-3000:]
     assert not [line for line in again.stdout.splitlines() if line.startswith("unit ")], again.stdout[:2000]
     assert sum(line.startswith("skip ") for line in again.stdout.splitlines()) == \
-        len(study.ARMS) + 1 + len(preset.lr_grid) + len(preset.bear_grid) + 4  # + popularity on validation
+        len(study.ARMS) + 1 + units + len(points) + 2  # + popularity on validation, sweep and scale tests
     assert tree_state(results) == before
 
     # The report mode (a new process, no model) reproduces the same text from the raw files.
@@ -99,8 +112,9 @@ def test_study_end_to_end_resumes_skips_and_reports_from_raw_files(tmp_path, tin
                             capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr[-2000:]
     assert (results / "report.md").read_text() in report.stdout
-    with open(results / "figure.png", "rb") as f:  # matplotlib is in requirements-test.txt: the figure is drawn
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    for name in ("figure.png", "figure-sensitivity.png"):  # matplotlib is in requirements-test.txt
+        with open(results / name, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def hand_counted(records: list[dict], beam_width: int) -> dict:
@@ -158,3 +172,159 @@ def test_study_metrics_equal_eval_py_and_hand_counts(tmp_path, tiny_preset):
     plain = beam.beam_search(model, prompts, trie, tokenizer.eos_id, tokenizer.pad_id, config)
     assert [[items for items, _ in r["beam"]] for r in records] == \
         [[sorted(items) for items, _ in result] for result in plain]
+
+
+# ------------------------------------------------------------------ the report against a hand-made folder
+
+def write_unit(path: Path, records: list[dict], run: str | None) -> None:
+    path.mkdir(parents=True)
+    (path / "examples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (path / "unit.json").write_text(json.dumps({"arm": path.name, "run": run, "wall_s": 60.0}))
+
+
+def write_run(path: Path, loss: str, seconds_per_step: list[float]) -> None:
+    """A finished training unit with the given step times (label_tokens / tokens_per_s) and one validation."""
+    path.mkdir(parents=True)
+    log = [{"step": s + 1, "loss": 1.0, "label_tokens": 100, "tokens_per_s": 100 / t}
+           for s, t in enumerate(seconds_per_step)]
+    log.append({"epoch": 1, "step": len(log), "valid": {"ndcg@10": 0.1, "hr@10": 0.2}})
+    (path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    (path / "checkpoint.json").write_text(json.dumps({"last": f"step-{len(seconds_per_step):08d}",
+                                                      "best": f"step-{len(seconds_per_step):08d}"}))
+    (path / "train_config.json").write_text(json.dumps({"loss": loss, "lr": 1e-3, "lam": 0.6875, "xi": 2.75}))
+    (path / "unit.json").write_text(json.dumps({"wall_s": 100.0}))
+
+
+def record(i: int, beam_rank, exact_rank, token_ranks) -> dict:
+    return {"i": i, "user_id": i, "target": i, "beam_rank": beam_rank, "exact_rank": exact_rank,
+            "token_ranks": token_ranks}
+
+
+def by_definition(records: list[dict], name: str, width: int = 10) -> float:
+    """One metric of SPEC §5 / Fig. 4 / Fig. 6, straight from its definition, one example at a time."""
+    k = int(name.split("@")[1]) if "@" in name else 10
+    if name.startswith("hr"):
+        return sum(r["beam_rank"] is not None and r["beam_rank"] < k for r in records) / len(records)
+    if name.startswith("ndcg"):
+        return sum(1 / math.log2(r["beam_rank"] + 2) for r in records
+                   if r["beam_rank"] is not None and r["beam_rank"] < k) / len(records)
+    if name.startswith("pr"):
+        eligible = [r for r in records if r["exact_rank"] is not None and r["exact_rank"] < k]
+        return sum(r["beam_rank"] is None for r in eligible) / len(eligible) if eligible else 0.0
+    assert name == "nc_rate"
+    return sum(max(r["token_ranks"]) < width for r in records) / len(records)
+
+
+def test_report_numbers_from_a_hand_made_results_folder(tmp_path):
+    """The report's metrics, gained/lost counts, bootstrap CIs and cost ratios on 12 made-up test windows,
+    each computed here from its definition; targets rank between 5 and 10 too, so K = 5 and K = 10 differ."""
+    results = tmp_path / "results"
+    results.mkdir()
+    preset = {**dataclasses.asdict(study.PRESETS["cpu"]), "bootstrap": 300, "seed": 7}
+    (results / "preset.json").write_text(json.dumps(preset))
+    ok, bad = [0, 0, 3], [0, 12, 1]             # token ranks: the necessary condition met / violated (B = 10)
+    msl = [record(0, 0, 0, ok), record(1, 6, 4, ok), record(2, None, 2, bad), record(3, None, 8, ok),
+           record(4, 3, 3, ok), record(5, None, None, bad), record(6, 9, None, ok), record(7, None, None, bad),
+           record(8, 1, 1, ok), record(9, None, 6, bad), record(10, 7, 7, ok), record(11, None, None, bad)]
+    bear = [record(0, 0, 0, ok), record(1, 2, 1, ok), record(2, 5, 3, ok), record(3, None, 9, bad),
+            record(4, None, 2, ok), record(5, None, None, ok), record(6, 8, 6, ok), record(7, None, None, bad),
+            record(8, 0, 0, ok), record(9, None, 4, ok), record(10, None, None, bad), record(11, None, 8, ok)]
+    sft = [record(i, None, None, bad if i % 3 else ok) for i in range(12)]
+    for arm, records, run, seconds in (("msl", msl, "msl-run", [2.0, 4.0, 3.0]),
+                                       ("bear", bear, "bear-run", [3.0, 3.3, 6.0]),
+                                       ("sft", sft, "sft-run", [2.0, 2.0, 5.0])):
+        write_unit(results / "test" / arm, records, run)
+        write_run(results / "runs" / run, arm, seconds)
+    text = study.report(results)
+
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    names = ["ndcg@5", "ndcg@10", "hr@5", "hr@10", "pr@5", "pr@10", "violation_share", "nc_rate"]
+    for label, records in (("MSL", msl), ("BEAR", bear), ("SFT", sft)):
+        cells = rows[label].strip("| ").split(" | ")[2:2 + len(names)]
+        for name, cell in zip(names, cells):
+            if name == "violation_share":   # pruned top-10 targets that violate, among the pruned
+                pruned = [r for r in records if r["exact_rank"] is not None and r["beam_rank"] is None]
+                expected = sum(max(r["token_ranks"]) >= 10 for r in pruned) / len(pruned) if pruned else 0.0
+            else:
+                expected = by_definition(records, name)
+            assert cell == f"{expected:.4f}", (label, name)
+    assert by_definition(msl, "hr@5") != by_definition(msl, "hr@10")      # the cutoffs differ here
+    assert by_definition(bear, "pr@5") != by_definition(bear, "pr@10")
+
+    # Gained / lost: targets meeting the necessary condition under one arm only.
+    meets = {arm: [max(r["token_ranks"]) < 10 for r in records] for arm, records in (("msl", msl), ("bear", bear))}
+    gained = sum(b and not m for b, m in zip(meets["bear"], meets["msl"]))
+    lost = sum(m and not b for b, m in zip(meets["bear"], meets["msl"]))
+    assert (gained, lost) == (4, 2)          # counted by hand: windows 2, 5, 9, 11 and 3, 10
+    assert f"- bear against msl: {gained} targets meet the necessary condition only under bear" in text
+    assert f"{lost} only under msl" in text
+
+    # The paired bootstrap, re-implemented: the same resampling counts (one multinomial draw of n per resample,
+    # from the preset's seed), each resample's metric recomputed from its definition on the expanded sample.
+    rng = np.random.default_rng(preset["seed"])
+    counts_per_resample = rng.multinomial(12, np.full(12, 1 / 12), size=preset["bootstrap"])
+    cells = rows["bear − msl"].strip("| ").split(" | ")[1:]
+    for name, cell in zip(study.CI_METRICS, cells):
+        deltas = []
+        for counts in counts_per_resample:
+            sample = [i for i in range(12) for _ in range(counts[i])]
+            deltas.append(by_definition([bear[i] for i in sample], name) - by_definition([msl[i] for i in sample],
+                                                                                         name))
+        low, high = np.percentile(deltas, [2.5, 97.5])
+        point = by_definition(bear, name) - by_definition(msl, name)
+        assert cell == f"{point:+.4f} [{low:+.4f}, {high:+.4f}]", name
+
+    # Cost per step: the median of each run's step times, relative to SFT's (2.0 s).
+    assert "msl/sft 1.50x, bear/sft 1.65x" in text
+
+
+# ------------------------------------------------------------ the exact-search shortcut against brute force
+
+def brute_force_scores(model, prompt: list[int], trie) -> dict[int, float]:
+    """log P(title | prompt) of every leaf (distinct title), mask before the softmax, from one full forward per
+    title and a trie of Python dicts: no KV cache, no CSR arrays, no search."""
+    children: dict[tuple, set] = {}
+    for tokens in trie.item_tokens.values():
+        for t in range(len(tokens)):
+            children.setdefault(tuple(tokens[:t]), set()).add(tokens[t])
+    scores = {}
+    for item, tokens in sorted(trie.item_tokens.items()):
+        leaf = next(node for node, items in trie.leaf_items.items() if item in items)
+        if leaf in scores:
+            continue
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + list(tokens)]))[0, len(prompt) - 1:-1].double()  # (L, V)
+        scores[leaf] = sum(float(logits[t, token] - torch.logsumexp(logits[t, sorted(children[tuple(tokens[:t])])],
+                                                                     0))
+                           for t, token in enumerate(tokens))
+    return scores
+
+
+def test_exact_search_shortcut_against_brute_force(tiny_preset):
+    """evaluate_chunk skips the exact top-K search where B returned items already outscore the target. With
+    B = K = 10 and every item of a 40-item catalogue as a target of the same prompts, most targets lie outside
+    the exact top-10 (the shortcut fires) and exactly 10 per prompt inside it: every record's exact rank must
+    equal the rank among ALL titles scored one by one."""
+    tokenizer = load_tokenizer(tiny_preset.model)
+    dataset = data.load_dataset(data.DataConfig(dataset="office", data_dir=tiny_preset.data_dir,
+                                                train_samples=tiny_preset.train_samples))
+    trie = data.build_trie(dataset, tokenizer)
+    model = load_model(tiny_preset.model, dtype=torch.float32)
+    config = beam.BeamConfig(beam_width=10, batch_size=16)
+    chunk = [dataclasses.replace(window, target=item) for window in dataset.test[:2] for item in sorted(trie.item_tokens)]
+    records = study.evaluate_chunk(model, dataset, tokenizer, trie, chunk, 0, config, lambda done: None)
+
+    oracle = {}
+    for window in dataset.test[:2]:
+        scores = brute_force_scores(model, data.prompt_tokens(dataset.prompt(window), tokenizer), trie)
+        oracle[window.user_id, window.timestamp] = sorted(scores, key=scores.get, reverse=True), scores
+    for example, r in zip(chunk, records):
+        ranking, scores = oracle[example.user_id, example.timestamp]
+        leaf = next(node for node, items in trie.leaf_items.items() if example.target in items)
+        assert r["target_log_prob"] == pytest.approx(scores[leaf], abs=1e-4)
+        assert r["exact_rank"] == (ranking.index(leaf) if ranking.index(leaf) < 10 else None), example
+    skipped = [r for r in records if not r["exact_searched"]]
+    eligible = [r for r in records if r["exact_rank"] is not None]
+    pruned = [r for r in eligible if r["beam_rank"] is None]
+    assert len(skipped) > len(records) / 2 and len(eligible) == 2 * min(10, len(oracle[next(iter(oracle))][0]))
+    assert pruned, "no eligible target was pruned: the case does not exercise PR@K"
