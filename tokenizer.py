@@ -1,10 +1,10 @@
 """The tokenizers of Llama-family checkpoints, in pure Python over tiktoken / sentencepiece.
 
-Three kinds of tokenizer file load: Llama-3's tiktoken rank file (Meta's `tokenizer.model`), a Hugging Face
-byte-level BPE `tokenizer.json` (Llama-3.x uploads, SmolLM2), converted to tiktoken ranks, and a sentencepiece
-model (the Llama-2 family). `load_tokenizer(folder)` picks one and reads BOS/EOS/pad from
-tokenizer_config.json. The oracles in tests/test_tokenizer.py are HF `tokenizers` and `sentencepiece`
-themselves, on the real Llama-3 and SmolLM2 files.
+Three kinds of tokenizer file load: Llama-3's tiktoken rank file (Meta's `tokenizer.model`), a
+Hugging Face byte-level BPE `tokenizer.json` (Llama-3.x uploads, SmolLM2), converted to tiktoken
+ranks, and a sentencepiece model (the Llama-2 family). `load_tokenizer(folder)` picks one and reads
+BOS/EOS/pad from tokenizer_config.json. The oracles in tests/test_tokenizer.py are HF `tokenizers`
+and `sentencepiece` themselves, on the real Llama-3 and SmolLM2 files.
 """
 import base64
 import itertools
@@ -13,24 +13,25 @@ import re
 import unicodedata
 from pathlib import Path
 
-# Llama-3's pre-tokenizer pattern (Meta's tokenizer.py; the same string sits in its tokenizer.json Split step).
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Llama-3's pre-tokenizer pattern (Meta's tokenizer.py; the same string is in its tokenizer.json).
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 # GPT-2's pattern, which HF's ByteLevel pre-tokenizer applies when use_regex is true.
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-# Meta's 256 special tokens after the 128000 ranks of Llama-3's tiktoken file (names as in Meta's tokenizer.py).
-LLAMA3_SPECIAL_TOKENS = (["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-                          "<|reserved_special_token_1|>", "<|reserved_special_token_2|>",
-                          "<|reserved_special_token_3|>", "<|start_header_id|>", "<|end_header_id|>",
-                          "<|reserved_special_token_4|>", "<|eot_id|>"]
-                         + [f"<|reserved_special_token_{i}|>" for i in range(5, 256 - 5)])
+# Meta's 256 special tokens after the 128000 ranks of Llama-3's tiktoken file (its tokenizer.py).
+LLAMA3_SPECIAL_TOKENS = (
+    ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+     "<|reserved_special_token_1|>", "<|reserved_special_token_2|>", "<|reserved_special_token_3|>",
+     "<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
+    + [f"<|reserved_special_token_{i}|>" for i in range(5, 256 - 5)])
 
 
 class Tokenizer:
-    """encode(text) adds nothing (no BOS/EOS) and treats special-token text in user data as plain text.
+    """encode(text) adds nothing (no BOS/EOS) and treats special-token text in user data as text.
 
-    Two engines: tiktoken (Llama-3's rank file, and HF byte-level BPE tokenizer.json converted to ranks), or
-    sentencepiece (Llama-2 family). `pre_split` runs pre-tokenizer steps that come before the regex one."""
+    Two engines: tiktoken (Llama-3's rank file, and HF byte-level BPE tokenizer.json converted to
+    ranks), or sentencepiece (Llama-2 family). `pre_split` runs the pre-tokenizer steps before the
+    regex one."""
 
     def __init__(self, *, bos_id, eos_id, pad_id, add_bos, vocab_size, token_ids: dict[str, int],
                  encoding=None, pre_split=None, dropped_ids=frozenset(), sentencepiece=None):
@@ -38,20 +39,18 @@ class Tokenizer:
         self.vocab_size = vocab_size
         self._token_ids = token_ids        # special / added token text -> id
         self._encoding, self._pre_split, self._sp = encoding, pre_split, sentencepiece
-        self._dropped_ids = dropped_ids    # ids standing for bytes the vocabulary lacks (HF drops them)
+        self._dropped_ids = dropped_ids    # ids of bytes the vocabulary lacks (HF drops them)
 
     def encode(self, text: str) -> list[int]:
         if self._sp is not None:
-            return self._sp.encode(text)   # sentencepiece never parses control-token text out of input
+            return self._sp.encode(text)   # sentencepiece never parses control-token text
         pieces = [text] if self._pre_split is None else self._pre_split(text)
         ids = [i for piece in pieces for i in self._encoding.encode_ordinary(piece)]
         return [i for i in ids if i not in self._dropped_ids] if self._dropped_ids else ids
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]
-        if self._sp is not None:
-            return self._sp.decode(ids)
-        return self._encoding.decode(ids)
+        return self._sp.decode(ids) if self._sp is not None else self._encoding.decode(ids)
 
     def token_id(self, text: str) -> int | None:
         """The id of a special/added token given its text (e.g. "<|im_end|>"), or None."""
@@ -59,21 +58,17 @@ class Tokenizer:
 
 
 def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table, in which HF byte-level vocabularies are written."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
+    """GPT-2's byte -> printable character table, in which HF byte-level vocabularies are written:
+    printable bytes stand for themselves, the others for chr(256), chr(257), ... in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)}
+    others = (chr(256 + i) for i in itertools.count())
+    return {b: chr(b) if b in printable else next(others) for b in range(256)}
 
 
 def _split_digits(individual: bool):
-    """HF's Digits pre-tokenizer: numeric characters (Rust char::is_numeric = categories Nd, Nl, No) are
-    isolated one by one (individual_digits) or as runs; the text between them is kept as its own piece."""
+    """HF's Digits pre-tokenizer: numeric characters (Rust char::is_numeric = categories Nd, Nl, No)
+    are isolated one by one (individual_digits) or as runs; the text between is one piece."""
     def is_numeric(ch):
         return ch.isnumeric() and unicodedata.category(ch)[0] == "N"
 
@@ -81,36 +76,39 @@ def _split_digits(individual: bool):
         pieces = []
         for numeric, run in itertools.groupby(text, key=is_numeric):
             run = "".join(run)
-            pieces.extend(run if numeric and individual else [run])   # a str extends by its characters
+            pieces.extend(run if numeric and individual else [run])   # a str extends by characters
         return pieces
     return split
 
 
 def _pre_tokenizer_steps(spec: dict | None, source: Path):
-    """tokenizer.json's pre_tokenizer -> (Python pre-split function or None, the regex pattern for tiktoken).
+    """tokenizer.json's pre_tokenizer -> (Python pre-split function or None, tiktoken's regex).
 
-    tiktoken runs one regex + BPE per call; a Digits step before it is done in Python on the pieces first.
-    Running each step on the previous step's pieces (not one merged regex) is what HF does: SmolLM2's
-    Sequence[Digits, ByteLevel] differs from a combined regex where lookaheads meet a digit boundary."""
-    steps = spec.get("pretokenizers", []) if spec and spec.get("type") == "Sequence" else [spec] if spec else []
+    tiktoken runs one regex + BPE per call; a Digits step before it runs in Python on the pieces
+    first. Running each step on the previous step's pieces (not one merged regex) is what HF does:
+    SmolLM2's Sequence[Digits, ByteLevel] differs from a combined regex where lookaheads meet a
+    digit boundary."""
+    is_sequence = spec and spec.get("type") == "Sequence"
+    steps = spec.get("pretokenizers", []) if is_sequence else [spec] if spec else []
     splitters, pattern = [], None
     for step in steps:
-        kind = step.get("type")
+        kind, use_regex = step.get("type"), step.get("use_regex", True)
         if kind == "ByteLevel" and step.get("add_prefix_space"):
             raise ValueError(f"{source}: ByteLevel add_prefix_space=true is not supported")
         if kind == "Split" and pattern is None and "Regex" in step.get("pattern", {}) \
                 and step.get("behavior") == "Isolated" and not step.get("invert"):
             pattern = step["pattern"]["Regex"]
-        elif kind == "ByteLevel" and step.get("use_regex", True) and pattern is None:
+        elif kind == "ByteLevel" and use_regex and pattern is None:
             pattern = GPT2_PATTERN
-        elif kind == "ByteLevel" and not step.get("use_regex", True):
+        elif kind == "ByteLevel" and not use_regex:
             pass                        # only maps bytes to printable characters: nothing to split
         elif kind == "Digits" and pattern is None:
             splitters.append(_split_digits(bool(step.get("individual_digits"))))
         else:
             raise ValueError(f"{source}: unsupported pre-tokenizer step {json.dumps(step)[:120]}")
     if pattern is None:
-        raise ValueError(f"{source}: pre_tokenizer has no regex split step (need Split or ByteLevel(use_regex))")
+        raise ValueError(f"{source}: pre_tokenizer has no regex split step (need Split or "
+                         "ByteLevel(use_regex))")
 
     def pre_split(text: str) -> list[str]:
         pieces = [text]
@@ -121,23 +119,18 @@ def _pre_tokenizer_steps(spec: dict | None, source: Path):
 
 
 def _post_processor_bos(spec: dict | None) -> str | None | bool:
-    """The special token HF's TemplateProcessing puts before a single sequence; False when no template."""
-    if not spec:
-        return False
-    if spec.get("type") == "Sequence":
-        for inner in spec.get("processors", []):
-            found = _post_processor_bos(inner)
-            if found is not False:
-                return found
-        return False
-    if spec.get("type") != "TemplateProcessing":
+    """The special token HF's TemplateProcessing puts before a lone sequence; False: no template."""
+    if spec and spec.get("type") == "Sequence":
+        found = (_post_processor_bos(inner) for inner in spec.get("processors", []))
+        return next((bos for bos in found if bos is not False), False)
+    if not spec or spec.get("type") != "TemplateProcessing":
         return False
     first = (spec.get("single") or [{}])[0]
     return first["SpecialToken"]["id"] if "SpecialToken" in first else None
 
 
 def _from_tokenizer_json(path: Path):
-    """HF byte-level BPE tokenizer.json -> (tiktoken Encoding, pre_split, ids to drop, token ids, template BOS)."""
+    """HF byte-level BPE tokenizer.json -> (Encoding, pre_split, ids to drop, token ids, BOS)."""
     import tiktoken
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
@@ -145,9 +138,10 @@ def _from_tokenizer_json(path: Path):
         vocab, merges = bpe["vocab"], bpe["merges"]
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a valid tokenizer.json ({e!r})") from None
-    if bpe.get("type", "BPE") != "BPE" or bpe.get("byte_fallback") or bpe.get("continuing_subword_prefix") \
-            or bpe.get("end_of_word_suffix") or spec.get("normalizer"):
-        raise ValueError(f"{path}: only byte-level BPE without normalizer is supported (Llama-3, SmolLM2 style)")
+    if bpe.get("type", "BPE") != "BPE" or bpe.get("byte_fallback") or spec.get("normalizer") \
+            or bpe.get("continuing_subword_prefix") or bpe.get("end_of_word_suffix"):
+        raise ValueError(f"{path}: only byte-level BPE without normalizer is supported (Llama-3, "
+                         "SmolLM2 style)")
     pre_split, pattern = _pre_tokenizer_steps(spec.get("pre_tokenizer"), path)
 
     added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
@@ -155,38 +149,36 @@ def _from_tokenizer_json(path: Path):
     ranks = {}
     for token, rank in vocab.items():
         if token in added:
-            continue                   # special tokens are decoded by tiktoken's special table, never merged
+            continue                   # special tokens are decoded by tiktoken's special table
         try:
             ranks[bytes(byte_of[ch] for ch in token)] = rank
         except KeyError:
             raise ValueError(f"{path}: vocab entry {token!r} is not byte-level BPE text") from None
     if len(ranks) != len(set(ranks.values())):
         raise ValueError(f"{path}: vocab ids are not unique")
-    # Some vocabularies lack a few bytes (SmolLM2: bytes that never occur in UTF-8, and six control characters).
-    # HF drops such characters; tiktoken needs every byte ranked, so give them ids past the vocabulary and
-    # filter those ids out after encoding.
-    next_id = max([*vocab.values(), *added.values()]) + 1
-    dropped_ids = set()
-    for b in range(256):
-        if bytes([b]) not in ranks:
-            ranks[bytes([b])] = next_id
-            dropped_ids.add(next_id)
-            next_id += 1
-    # tiktoken merges the adjacent pair whose result has the lowest rank; HF applies merges in list order.
-    # The two agree when the merge list is sorted by the result's id, which HF's conversions guarantee; check it.
+    # Some vocabularies lack a few bytes (SmolLM2: bytes that never occur in UTF-8, and six control
+    # characters). HF drops such characters; tiktoken needs every byte ranked, so give them ids past
+    # the vocabulary and filter those ids out after encoding.
+    next_ids = itertools.count(max([*vocab.values(), *added.values()]) + 1)
+    missing = {bytes([b]): next(next_ids) for b in range(256) if bytes([b]) not in ranks}
+    ranks.update(missing)
+    # tiktoken merges the adjacent pair whose result has the lowest rank; HF applies merges in list
+    # order. The two agree when the merges are sorted by the result's id, which HF's conversions
+    # guarantee; check it.
     previous = -1
     for i, merge in enumerate(merges):
         left, right = merge.split(" ") if isinstance(merge, str) else merge
         result = vocab.get(left + right)
         if left not in vocab or right not in vocab or result is None or result < previous:
-            raise ValueError(f"{path}: merge #{i} {left!r}+{right!r} is inconsistent with the vocab ranks "
-                             "(cannot be run as tiktoken BPE)")
+            raise ValueError(f"{path}: merge #{i} {left!r}+{right!r} is inconsistent with the "
+                             "vocab ranks (cannot be run as tiktoken BPE)")
         previous = result
     rank_ids = set(ranks.values())
     specials = {text: i for text, i in added.items() if i not in rank_ids}
-    encoding = tiktoken.Encoding(path.parent.name or "tokenizer", pat_str=pattern, mergeable_ranks=ranks,
-                                 special_tokens=specials)
-    return encoding, pre_split, dropped_ids, {**vocab, **added}, _post_processor_bos(spec.get("post_processor"))
+    encoding = tiktoken.Encoding(path.parent.name or "tokenizer", pat_str=pattern,
+                                 mergeable_ranks=ranks, special_tokens=specials)
+    return (encoding, pre_split, set(missing.values()), {**vocab, **added},
+            _post_processor_bos(spec.get("post_processor")))
 
 
 def _read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
@@ -206,32 +198,33 @@ def _read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
 
 def _is_tiktoken_file(path: Path) -> bool:
     with open(path, "rb") as f:
-        head = f.read(200)
-    return re.match(rb"[A-Za-z0-9+/]+=* \d+\r?\n", head) is not None
+        return re.match(rb"[A-Za-z0-9+/]+=* \d+\r?\n", f.read(200)) is not None
 
 
 def load_tokenizer(path) -> Tokenizer:
-    """A model folder (or a tokenizer file) -> Tokenizer. In a folder, tokenizer.json wins over tokenizer.model
-    (it declares its own pre-tokenizer and special tokens); then tokenizer.model, then original/tokenizer.model.
-    tokenizer_config.json beside it, when present, gives eos/pad/bos tokens and add_bos_token."""
+    """A model folder (or a tokenizer file) -> Tokenizer. In a folder, tokenizer.json wins over
+    tokenizer.model (it declares its own pre-tokenizer and special tokens); then tokenizer.model,
+    then original/tokenizer.model. tokenizer_config.json beside it, when present, gives the
+    eos/pad/bos tokens and add_bos_token."""
     path = Path(path)
     if path.is_dir():
-        candidates = [path / "tokenizer.json", path / "tokenizer.model", path / "original" / "tokenizer.model"]
+        candidates = [path / "tokenizer.json", path / "tokenizer.model",
+                      path / "original" / "tokenizer.model"]
         file = next((c for c in candidates if c.is_file()), None)
         if file is None:
-            raise FileNotFoundError(f"no tokenizer file in {path} (looked for tokenizer.json, tokenizer.model, "
-                                    "original/tokenizer.model)")
+            raise FileNotFoundError(f"no tokenizer file in {path} (looked for tokenizer.json, "
+                                    "tokenizer.model, original/tokenizer.model)")
         folder = path
     elif path.is_file():
         file, folder = path, path.parent
     else:
         raise FileNotFoundError(f"tokenizer path not found: {path}")
-    config = {}
-    if (folder / "tokenizer_config.json").is_file():
+    config_path, config = folder / "tokenizer_config.json", {}
+    if config_path.is_file():
         try:
-            config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+            config = json.loads(config_path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{folder / 'tokenizer_config.json'}: not valid JSON ({e})") from None
+            raise ValueError(f"{config_path}: not valid JSON ({e})") from None
 
     sp, encoding, pre_split, dropped_ids, template_bos = None, None, None, set(), False
     if file.suffix == ".json":
@@ -240,43 +233,44 @@ def load_tokenizer(path) -> Tokenizer:
         import tiktoken
         ranks = _read_tiktoken_ranks(file)
         if len(ranks) != 128000:
-            raise ValueError(f"{file}: a tiktoken rank file with {len(ranks)} ranks; only Llama-3's (128000) is known")
-        specials = {text: len(ranks) + i for i, text in enumerate(LLAMA3_SPECIAL_TOKENS)}
-        encoding = tiktoken.Encoding("llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
-        token_ids = specials
+            raise ValueError(f"{file}: a tiktoken rank file with {len(ranks)} ranks; only "
+                             "Llama-3's (128000) is known")
+        token_ids = {text: len(ranks) + i for i, text in enumerate(LLAMA3_SPECIAL_TOKENS)}
+        encoding = tiktoken.Encoding("llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
+                                     special_tokens=token_ids)
     else:
         import sentencepiece
         sp = sentencepiece.SentencePieceProcessor()
         try:
             sp.LoadFromSerializedProto(file.read_bytes())
         except Exception:
-            raise ValueError(f"{file}: neither a tiktoken rank file nor a sentencepiece model") from None
-        token_ids = {sp.id_to_piece(i): i for i in range(sp.get_piece_size()) if not sp.is_unused(i)}
+            raise ValueError(f"{file}: neither a tiktoken rank file nor a sentencepiece "
+                             "model") from None
+        token_ids = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())
+                     if not sp.is_unused(i)}
 
-    def lookup(field, value):
+    def lookup(field):   # a token tokenizer_config.json names, as text or {"content": text}
+        value = config[field]
         text = value.get("content") if isinstance(value, dict) else value
         if text not in token_ids:
-            raise ValueError(f"{folder / 'tokenizer_config.json'}: {field} {text!r} is not in the vocabulary")
+            raise ValueError(f"{config_path}: {field} {text!r} is not in the vocabulary")
         return token_ids[text]
 
-    def first_present(*texts):
-        return next((token_ids[t] for t in texts if t in token_ids), None)
-
     if sp is not None:
-        bos_id, eos_id = (sp.bos_id() if sp.bos_id() >= 0 else None), (sp.eos_id() if sp.eos_id() >= 0 else None)
+        bos_id, eos_id = (i if i >= 0 else None for i in (sp.bos_id(), sp.eos_id()))
     else:
-        bos_id = first_present("<|begin_of_text|>") if not template_bos else token_ids.get(template_bos)
-        eos_id = first_present("<|end_of_text|>", "</s>", "<|endoftext|>")
-    if config.get("bos_token"):
-        bos_id = lookup("bos_token", config["bos_token"])
-    if config.get("eos_token"):
-        eos_id = lookup("eos_token", config["eos_token"])
+        bos_id = token_ids.get(template_bos or "<|begin_of_text|>")   # the template's, or Llama-3's
+        eos_id = next((token_ids[t] for t in ("<|end_of_text|>", "</s>", "<|endoftext|>")
+                       if t in token_ids), None)
+    bos_id = lookup("bos_token") if config.get("bos_token") else bos_id
+    eos_id = lookup("eos_token") if config.get("eos_token") else eos_id
     if eos_id is None:
-        raise ValueError(f"{file}: cannot tell the EOS token (no eos_token in tokenizer_config.json and none of "
-                         "<|end_of_text|>, </s>, <|endoftext|> in the vocabulary)")
-    pad_id = lookup("pad_token", config["pad_token"]) if config.get("pad_token") else eos_id
+        raise ValueError(f"{file}: cannot tell the EOS token (no eos_token in "
+                         "tokenizer_config.json and none of <|end_of_text|>, </s>, <|endoftext|> "
+                         "in the vocabulary)")
+    pad_id = lookup("pad_token") if config.get("pad_token") else eos_id
 
-    # add_bos: tokenizer_config's add_bos_token, else the HF post-processor template, else the family's habit.
+    # add_bos: the config's add_bos_token, else the HF post-processor template, else the family's.
     if "add_bos_token" in config:
         add_bos = bool(config["add_bos_token"])
     elif template_bos is not False:
@@ -285,7 +279,8 @@ def load_tokenizer(path) -> Tokenizer:
         add_bos = sp is not None or "<|begin_of_text|>" in token_ids
     if add_bos and bos_id is None:
         raise ValueError(f"{file}: the model expects a BOS token but none is defined")
-    vocab_size = sp.get_piece_size() if sp is not None else encoding.max_token_value + 1 - len(dropped_ids)
-    return Tokenizer(bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, add_bos=add_bos, vocab_size=vocab_size,
-                     token_ids=token_ids, encoding=encoding, pre_split=pre_split, dropped_ids=dropped_ids,
-                     sentencepiece=sp)
+    vocab_size = (sp.get_piece_size() if sp is not None
+                  else encoding.max_token_value + 1 - len(dropped_ids))
+    return Tokenizer(bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, add_bos=add_bos,
+                     vocab_size=vocab_size, token_ids=token_ids, encoding=encoding,
+                     pre_split=pre_split, dropped_ids=dropped_ids, sentencepiece=sp)

@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 import data  # noqa: E402  (the stages are flat files at the repo root)
 import lora  # noqa: E402
 import model  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 
 
 @dataclass
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
     import transformers
 
     model_dir = Path(config.model_dir)
-    tokenizer = model.load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     batch = office_batch(config, tokenizer)
     batch_size, seq_len = batch["input_ids"].shape
     label_tokens = int(batch["label_mask"].sum())

@@ -18,6 +18,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer as HFTokenizerLib
 
+import amazon
 import data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -253,10 +254,20 @@ def test_unknown_item_id_is_named(tmp_path):
         load_office(root)
 
 
-def test_title_with_a_literal_quote_is_rejected(tmp_path):
-    root = make_root(tmp_path, 'user_id,item_ids,timestamp\n1,"[1, 2]",5\n', {"1": "A", "2": 'The "B"'})
-    with pytest.raises(ValueError, match=r"title of item 2 contains a literal '\"'"):
-        load_office(root)
+def test_title_with_a_literal_quote_is_read_as_the_raw_pipeline_writes_it(tmp_path, capsys):
+    # Real releases hold a few (a nickname in quotes inside a product name). A '"' would close the
+    # quoted target early, so it is read as &quot;, as clean_title() writes the raw dumps; one note
+    # says how many titles changed.
+    titles = {"1": "A", "2": 'The "B"', "3": '"C" &quot;D&quot;'}
+    root = make_root(tmp_path, 'user_id,item_ids,timestamp\n1,"[1, 2]",5\n', titles)
+    dataset = load_office(root)
+    assert dataset.titles == {1: "A", 2: "The &quot;B&quot;", 3: "&quot;C&quot; &quot;D&quot;"}
+    assert amazon.clean_title('The "B"') == dataset.titles[2]
+    note = "Office: 2 of 3 titles hold a literal '\"'; read as &quot; (as the raw pipeline writes them)"
+    assert dataset.notes == [note]
+    assert data.build_prompt(dataset.info, [dataset.titles[2]]).count('"') == 2
+    assert data.main(["--dataset", "office", "--data-dir", str(root), "--train-samples", "0"]) == 0
+    assert f"note: {note}\n" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("case", ["corrupt", "not utf-8", "a list", "a number as title", "a key that is no id",
@@ -552,7 +563,7 @@ def test_raw_pipeline_against_a_plain_reimplementation(year, tmp_path):
         with gzip.open(meta_path, "wt") as f:
             f.writelines(json.dumps(m) + "\n" for m in metas)
     out = tmp_path / "out" / "Office"
-    stats = data.build_from_raw(reviews_path, meta_path, out)
+    stats = amazon.build_from_raw(reviews_path, meta_path, out)
     splits, id2name, rounds = oracle_pipeline(reviews, metas)
     assert rounds >= 3, "the fixture should need several 5-core rounds"
     for name, expected in splits.items():
@@ -605,7 +616,7 @@ def release_server():
 
 
 def test_download_is_atomic_and_reports_missing_and_offline(tmp_path, release_server):
-    assert data.DEFAULT_DOWNLOAD_URL == "https://raw.githubusercontent.com/Tiny-Snow/BEAR-SIGIR-2026/main/data"
+    assert amazon.DEFAULT_DOWNLOAD_URL == "https://raw.githubusercontent.com/Tiny-Snow/BEAR-SIGIR-2026/main/data"
     # The authors' release layout, <url>/<Folder>/<file>; this one lacks train_10000.csv.
     csv_text = b"user_id,item_ids,timestamp\n" + b"".join(b'1,"[1, 2]",%d\n' % t for t in range(5000))
     ReleaseHandler.files = {"/Toy/id2name4Rec.json": b'{"1": "A", "2": "B"}', "/Toy/train.csv": csv_text,
@@ -613,14 +624,14 @@ def test_download_is_atomic_and_reports_missing_and_offline(tmp_path, release_se
     url = f"http://127.0.0.1:{release_server.server_address[1]}"
     config = data.DataConfig("toy", data_dir=str(tmp_path), train_samples=100)
     with pytest.raises(ConnectionError, match="test.csv"):
-        data.download_dataset(config, url, timeout=10)
+        amazon.download_dataset(config, url, timeout=10)
     folder = tmp_path / "Toy"
     assert not (folder / "test.csv").exists() and not list(folder.glob("*.tmp"))
     assert (folder / "train.csv").read_bytes() == csv_text           # completed files stay
     ReleaseHandler.files["/mode"] = b"whole"
     assert data.main(["--dataset", "toy", "--download", "--download-url", url, "--data-dir", str(tmp_path)]) == 0
     assert (folder / "test.csv").read_bytes() == csv_text
-    log = data.download_dataset(config, url, timeout=10)
+    log = amazon.download_dataset(config, url, timeout=10)
     assert any("train_10000.csv: not in the release" in line for line in log)
     assert any("train.csv: already present" in line for line in log)
     # What the release gives loads: the full train.csv is sampled, valid is its chronologically last 1/9.
@@ -632,7 +643,7 @@ def test_download_is_atomic_and_reports_missing_and_offline(tmp_path, release_se
     port = closed.getsockname()[1]
     closed.close()
     with pytest.raises(ConnectionError, match="offline"):
-        data.download_dataset(data.DataConfig("book", data_dir=str(tmp_path)), f"http://127.0.0.1:{port}", timeout=5)
+        amazon.download_dataset(data.DataConfig("book", data_dir=str(tmp_path)), f"http://127.0.0.1:{port}", timeout=5)
 
 
 def test_trie_children_are_distinct_and_sorted():

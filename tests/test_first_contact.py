@@ -103,6 +103,20 @@ def test_model_errors_are_one_line_and_write_nothing(case, tmp_path, hub_cache, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("launcher", [["train.py"], ["-c", MISSING_HUB]], ids=["offline", "no hub"])
+def test_an_unknown_dataset_is_refused_before_the_model_is_looked_for(launcher, tmp_path):
+    """The cheap check first (issue 19): with no model to be had at all (an empty hub cache offline,
+    or no huggingface_hub), an unknown --dataset still gets the data stage's own line."""
+    out, empty = tmp_path / "run", tmp_path / "hf_home"
+    empty.mkdir()
+    no_model = {"HF_HOME": str(empty), "HF_HUB_CACHE": str(empty / "hub"), "HF_HUB_OFFLINE": "1"}
+    result = run([*launcher, *train_argv("nosuch/model", tmp_path / "data", out, dataset="nosuch")],
+                 env=no_model)
+    one_error_line(result, "unknown dataset 'nosuch'; valid datasets: office, book, toy, clothing, "
+                           "or the path of a dataset folder")
+    assert not out.exists() and not (tmp_path / "data").exists()
+
+
 # ------------------------------------------------------------------------------------------- bad inputs
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_llama, office_slice) -> Path:

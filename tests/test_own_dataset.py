@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import amazon  # noqa: E402
 import data  # noqa: E402
 from test_data import as_rows, make_raw_dump, read_csv_rows  # noqa: E402
 
@@ -34,7 +35,7 @@ def write_raw_dump(folder: Path, seed: int = 1) -> tuple[Path, Path]:
 @pytest.fixture
 def games(tmp_path) -> Path:
     """A Video_Games folder built by the raw pipeline."""
-    data.build_from_raw(*write_raw_dump(tmp_path / "raw"), tmp_path / "games")
+    amazon.build_from_raw(*write_raw_dump(tmp_path / "raw"), tmp_path / "games")
     return tmp_path / "games"
 
 
@@ -43,9 +44,9 @@ def games(tmp_path) -> Path:
 
 
 def test_category_from_the_dump_file_names():
-    assert data.category_of("reviews_Video_Games_5.json") == "video games"                 # 2014
-    assert data.category_of("/dumps/Video_Games_5.json.gz") == "video games"               # 2018
-    assert data.category_of("reviews_Toys_and_Games_5.json") == "toys and games"
+    assert amazon.category_of("reviews_Video_Games_5.json") == "video games"                 # 2014
+    assert amazon.category_of("/dumps/Video_Games_5.json.gz") == "video games"               # 2018
+    assert amazon.category_of("reviews_Toys_and_Games_5.json") == "toys and games"
 
 
 def test_default_prompt_follows_the_paper_wording():
@@ -65,7 +66,7 @@ def test_raw_pipeline_writes_the_prompt_file_and_keeps_an_edited_one(tmp_path, g
     assert json.loads((games / "prompt.json").read_text()) == GAMES_PROMPT
     edited = {"instruction": "Pick the next game.", "prefix": "Played:"}
     (games / "prompt.json").write_text(json.dumps(edited))
-    data.build_from_raw(tmp_path / "raw" / "reviews_Video_Games_5.json", tmp_path / "raw" / "meta_Video_Games.json",
+    amazon.build_from_raw(tmp_path / "raw" / "reviews_Video_Games_5.json", tmp_path / "raw" / "meta_Video_Games.json",
                         games)
     assert json.loads((games / "prompt.json").read_text()) == edited
 
@@ -161,7 +162,8 @@ def test_raw_pipeline_then_train_then_eval_through_the_clis(tmp_path, smollm2_di
     flags = dict(dataset="games", model=model, out="run", loss="bear", train_samples=0, limit=8, epochs=1,
                  global_batch=4, micro_batch=2, lr=1e-2, warmup_steps=1, beam_width=3, valid_limit=2, eval_batch=2,
                  dtype="fp32")
-    assert train.main([x for name, value in flags.items() for x in (f"--{name.replace('_', '-')}", str(value))]) == 0
+    argv = [x for name, value in flags.items() for x in (f"--{name.replace('_', '-')}", str(value))]
+    assert train.main(argv) == 0
     recorded = json.loads((work / "run" / "train_config.json").read_text())
     assert recorded["dataset"] == str(work / "games")
 
@@ -177,3 +179,56 @@ def test_raw_pipeline_then_train_then_eval_through_the_clis(tmp_path, smollm2_di
     items = {int(i) for i in json.loads((work / "games" / "id2name4Rec.json").read_text())}
     assert [r["target"] for r in records] == [row[1][-1] for row in test_rows]
     assert all(1 <= len(r["beams"]) <= 3 and set(r["beams"][0]["items"]) <= items for r in records)
+
+
+def test_a_title_with_a_literal_quote_trains_evaluates_and_is_found(tmp_path, games, smollm2_dir,
+                                                                    capsys):
+    """Real releases hold a few titles with a literal '"' (a nickname in quotes in a product name).
+    Such a folder trains and evaluates, its title read as &quot; (as the raw pipeline writes it),
+    and the beam search reaches that item like any other."""
+    import beam
+    import eval as evaluation
+    import torch
+    import train
+    from model import load_model
+    from test_data import HFTokenizer
+    from test_train import make_tiny_llama
+    from tokenizer import load_tokenizer
+    model_dir = make_tiny_llama(tmp_path / "model", smollm2_dir)
+    titles = json.loads((games / "id2name4Rec.json").read_text())
+    test_rows = read_csv_rows(games / "test.csv")
+    quoted = test_rows[0][1][-1]                       # the first test window's target
+    titles[str(quoted)] = 'Pac "Rocket" Man'
+    (games / "id2name4Rec.json").write_text(json.dumps(titles))
+    dataset = data.load_dataset(data.DataConfig(str(games), train_samples=0))
+    assert dataset.titles[quoted] == "Pac &quot;Rocket&quot; Man"
+    note = (f"games: 1 of {len(titles)} titles hold a literal '\"'; read as &quot; (as the raw "
+            f"pipeline writes them)")
+    assert dataset.notes == [note]
+
+    flags = dict(dataset=games, model=model_dir, out=tmp_path / "run", loss="bear", train_samples=0,
+                 limit=8, epochs=1, global_batch=4, micro_batch=2, lr=1e-2, warmup_steps=1,
+                 beam_width=3, valid_limit=2, eval_batch=2, dtype="fp32")
+    argv = [x for name, value in flags.items() for x in (f"--{name.replace('_', '-')}", str(value))]
+    assert train.main(argv) == 0
+    assert f"note: {note}" in capsys.readouterr().out
+    dump = tmp_path / "preds.jsonl"
+    assert evaluation.main(["--ckpt", str(tmp_path / "run"), "--dump", str(dump)]) == 0
+    records = [json.loads(line) for line in dump.read_text().splitlines()]
+    assert [r["target"] for r in records] == [row[1][-1] for row in test_rows]
+
+    # In the trie like any other item: its target tokens decode (HF `tokenizers`, the oracle) to the
+    # title in quotes, and a search as wide as the trie has leaves returns every leaf, this one too.
+    tokenizer = load_tokenizer(model_dir)
+    trie = data.build_trie(dataset, tokenizer)
+    oracle = HFTokenizer(model_dir / "tokenizer.json", "<|im_start|>", "<|im_end|>", False)
+    tokens = trie.item_tokens[quoted]
+    assert tokens[-1] == oracle.eos_id
+    assert oracle.decode(tokens[:-1]) == '"Pac &quot;Rocket&quot; Man"'
+    model = load_model(model_dir, dtype=torch.float32)
+    prompt = data.prompt_tokens(dataset.prompt(dataset.test[0]), tokenizer)
+    config = beam.BeamConfig(beam_width=len(trie.leaf_items))
+    found = beam.beam_search(model, [prompt], trie, tokenizer.eos_id, tokenizer.pad_id, config)[0]
+    leaves = sorted(sorted(items) for items in trie.leaf_items.values())
+    assert sorted(sorted(items) for items, _ in found) == leaves
+    assert frozenset({quoted}) in {items for items, _ in found}
