@@ -153,11 +153,11 @@ def test_determined_beams_skip_the_model(tiny):
 
 def test_bad_inputs(tiny, trie):
     _, ours = tiny
-    with pytest.raises(ValueError, match="beam_width"):
+    with pytest.raises(ValueError, match="^beam_width must be a positive integer, got 0$"):
         beam.beam_search(ours, PROMPTS, trie, EOS, PAD, beam.BeamConfig(beam_width=0))
-    with pytest.raises(ValueError, match="prompt"):
+    with pytest.raises(ValueError, match="^every prompt must hold at least one token$"):
         beam.beam_search(ours, [[]], trie, EOS, PAD)
-    with pytest.raises(ValueError, match="k must"):
+    with pytest.raises(ValueError, match="^k must be a positive integer, got 0$"):
         beam.exact_topk(ours, PROMPTS, trie, 0, EOS, PAD)
 
 
@@ -278,11 +278,19 @@ def test_figure1_pruned_positives_and_violations_by_hand():
     # (eval.py sums these lists' lengths over its shards and divides.)
     assert beam.pruned_positives(targets, found, exact, 3) == ([0, 1, 2], [0, 1])
     assert beam.pruned_positives(targets, found, exact, 1) == ([0, 2], [0])
-    # Violations: A's first token has p = .2 < beta = .35; item 3 has .5 >= .45, .3 >= .3 and 1 >= 1. So the
-    # violation rate of the pruned top-3 positives (0 and 1) is 1/2.
-    violated = [beam.violates_necessary_condition(fixed, p, t, small, beam.BeamConfig(beam_width=2))
-                for p, t in zip(prompts, targets)]
-    assert violated[:2] == [True, False]
+    # Violations (some p_t < beta_t, the B = 2nd largest valid p), by hand, each token's rank among its step's
+    # valid tokens: 0, A: .2 < beta .35 at step 0 (ranks 2, 0, 0) -> True; 1, item 3: .5 >= .45, .3 >= .3,
+    # 1 >= 1 (0, 1, 0) -> False, pruned all the same; 2, item 2: .5, .4, 1 all first (0, 0, 0) -> False;
+    # 3, item 9: .45 >= .45 at step 0 but .1 < .3 at step 1 (1, 3, 0) -> True. Either masking option.
+    for mask_before in (True, False):
+        config = beam.BeamConfig(beam_width=2, mask_before_softmax=mask_before)
+        violated = [beam.violates_necessary_condition(fixed, p, t, small, config)
+                    for p, t in zip(prompts, targets)]
+        assert violated == [True, False, False, True]
+        _, forced = beam.search_and_teacher_force(fixed, prompts, targets, small, EOS, PAD, config)
+        assert [r for r, _, _ in forced] == [[2, 0, 0], [0, 1, 0], [0, 0, 0], [1, 3, 0]]
+    # So the violation rate of the pruned top-3 positives (0 and 1) is 1/2.
+    assert [violated[i] for i in beam.pruned_positives(targets, found, exact, 3)[1]] == [True, False]
     ranks = [beam.rank_of(t, r) for t, r in zip(targets, found)]
     assert ranks == [None, None, 0, None]
     assert beam.hit_at(ranks, 1) == pytest.approx(0.25) and beam.ndcg_at(ranks, 2) == pytest.approx(0.25)

@@ -51,8 +51,9 @@ def reference_beta(log_probs, beam_width):
 
 
 def reference_losses(kind, logits, labels, rows, tokens, beam_width=10, lam=0.6875, xi=2.75, tau=1.0,
-                     base="msl", thresholds=None, label_example=None):
-    z_all = logits.detach().float().requires_grad_(True)
+                     base="msl", thresholds=None, label_example=None, surrogate="paper",
+                     dtype=torch.float32):
+    z_all = logits.detach().to(dtype).requires_grad_(True)
     sets = valid_sets(len(labels), rows, tokens) if rows is not None else None
     out, prefix, prev_example = [], None, None
     for i, y in enumerate(labels.tolist()):
@@ -64,6 +65,9 @@ def reference_losses(kind, logits, labels, rows, tokens, beam_width=10, lam=0.68
         base_loss = -log_probs[y]
         if kind == "msl":
             out.append(base_loss)
+        elif kind == "bear" and surrogate == "violators":  # our ablation: -log sigmoid(-Delta/xi)
+            log_beta = reference_beta(log_probs, beam_width)
+            out.append(base_loss - lam * torch.log(torch.sigmoid(-(log_beta - log_probs[y]) / xi)))
         elif kind == "bear":
             log_beta = reference_beta(log_probs, beam_width)
             out.append(base_loss + lam * torch.log(torch.sigmoid((log_beta - log_probs[y]) / xi)))
@@ -79,6 +83,19 @@ def reference_losses(kind, logits, labels, rows, tokens, beam_width=10, lam=0.68
     values = torch.stack(out)
     (grad,) = torch.autograd.grad(values.sum(), z_all)
     return values.detach(), grad
+
+
+def reference_bear_weights(logits, labels, rows, tokens, beam_width=10, lam=0.6875, xi=2.75,
+                           tau=1.0, base="msl", surrogate="paper"):
+    """w_t = 1 + (lam/xi) sigmoid(-+Delta_t^B / xi) (- for eq. 3.4, + for violators), float64."""
+    sets = valid_sets(len(labels), rows, tokens)
+    sign = 1.0 if surrogate == "violators" else -1.0
+    weights = []
+    for i, y in enumerate(labels.tolist()):
+        log_probs = reference_log_probs(logits[i].double(), sets[i], base, tau)
+        delta = reference_beta(log_probs, beam_width) - float(log_probs[y])  # log beta - log p
+        weights.append(1 + (lam / xi) / (1 + math.exp(-sign * delta / xi)))
+    return torch.tensor(weights, dtype=torch.float64)
 
 
 def ours(fn, logits, *args, **kwargs):
@@ -139,6 +156,70 @@ def test_bear_matches_reference(seed, beam_width, lam, xi, tau, base):
     # The regulariser is really there: BEAR differs from its base loss.
     base_values = loss.msl(logits, labels, rows, tokens, tau) if base == "msl" else loss.sft(logits, labels)
     assert (values - base_values).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("seed,beam_width,lam,xi,tau,base", [
+    (0, 10, 0.6875, 2.75, 1.0, "msl"),
+    (1, 3, 2.0, 0.5, 1.0, "msl"),
+    (2, 10, 0.6875, 2.75, 0.6, "msl"),
+    (3, 5, 1.3, 1.5, 1.0, "sft"),
+    (4, 1, 0.4, 1.0, 1.0, "msl"),
+])
+def test_bear_violators_matches_float64_reference(seed, beam_width, lam, xi, tau, base):
+    """--surrogate violators (our ablation): L_base - lam log sigmoid(-Delta_t^B / xi), values and
+    gradients against the float64 loop."""
+    logits, labels, rows, tokens = random_case(seed, vocab_size=80 + 40 * seed)
+    kwargs = dict(beam_width=beam_width, lam=lam, xi=xi, tau=tau, base=base)
+    values, grad = ours(loss.bear, logits, labels, rows, tokens, surrogate="violators", **kwargs)
+    ref_values, ref_grad = reference_losses("bear", logits, labels, rows, tokens,
+                                            surrogate="violators", dtype=torch.float64, **kwargs)
+    assert values.dtype == torch.float32 and values.shape == labels.shape
+    assert_close(values, ref_values)
+    assert_close(grad, ref_grad)
+    # Not the paper's surrogate, and a penalty: -log sigmoid > 0 adds to the base loss everywhere.
+    paper, paper_grad = ours(loss.bear, logits, labels, rows, tokens, **kwargs)
+    assert (values - paper).abs().max() > 1e-2 and (grad - paper_grad).abs().max() > 1e-3
+    base_values = loss.msl(logits, labels, rows, tokens, tau) if base == "msl" else \
+        loss.sft(logits, labels)
+    assert (values > base_values).all()
+
+
+@pytest.mark.parametrize("surrogate", loss.SURROGATES)
+@pytest.mark.parametrize("seed,beam_width,lam,xi,tau,base", [
+    (0, 10, 0.6875, 2.75, 1.0, "msl"),
+    (1, 3, 2.0, 0.5, 0.7, "msl"),
+    (2, 5, 1.3, 1.5, 1.0, "sft"),
+])
+def test_bear_token_weights_scale_the_base_gradient(seed, beam_width, lam, xi, tau, base,
+                                                    surrogate):
+    """bear_token_weights is w_t = 1 + (lam/xi) sigmoid(-Delta/xi) (paper) or sigmoid(+Delta/xi)
+    (violators), detached, and grad(bear) = w_t * grad(L_base) position by position (its docstring;
+    --normalize authors divides by the sum of these w_t)."""
+    logits, labels, rows, tokens = random_case(seed, vocab_size=100 + 50 * seed)
+    hyper = dict(beam_width=beam_width, lam=lam, xi=xi, tau=tau, base=base)
+    weights = loss.bear_token_weights(logits.clone().requires_grad_(True), labels, rows, tokens,
+                                      surrogate=surrogate, **hyper)
+    assert weights.shape == labels.shape and not weights.requires_grad
+    ref_weights = reference_bear_weights(logits, labels, rows, tokens, surrogate=surrogate, **hyper)
+    assert_close(weights, ref_weights, atol=1e-6, rtol=1e-6)
+    assert (ref_weights.max() - ref_weights.min()) > 1e-2 * lam / xi  # not a constant
+    # The claim, on ours and on the float64 reference (where it holds to rounding).
+    base_fn = (loss.msl, (rows, tokens), {"tau": tau}) if base == "msl" else (loss.sft, (), {})
+    _, grad_base = ours(base_fn[0], logits, labels, *base_fn[1], **base_fn[2])
+    _, grad_bear = ours(loss.bear, logits, labels, rows, tokens, surrogate=surrogate, **hyper)
+    assert_close(grad_bear, weights[:, None] * grad_base, atol=1e-6, rtol=1e-5)
+    assert (grad_bear - grad_base).abs().max() > 1e-3  # the weights do something
+    f64 = dict(dtype=torch.float64, tau=tau)
+    _, ref_grad_base = reference_losses(base, logits, labels, rows, tokens, **f64)
+    _, ref_grad_bear = reference_losses("bear", logits, labels, rows, tokens, surrogate=surrogate,
+                                        **dict(hyper, dtype=torch.float64))
+    torch.testing.assert_close(ref_grad_bear, ref_weights[:, None] * ref_grad_base,
+                               atol=1e-12, rtol=1e-10)
+    # The two surrogates' weights are mirror images: sigmoid(-x) + sigmoid(x) = 1.
+    other = loss.bear_token_weights(logits, labels, rows, tokens,
+                                    surrogate=({"paper": "violators", "violators": "paper"}
+                                               [surrogate]), **hyper)
+    assert_close(weights + other, torch.full_like(weights, 2 + lam / xi), atol=1e-6, rtol=1e-6)
 
 
 def test_bear_beta_falls_back_to_smallest_valid_probability():

@@ -162,6 +162,126 @@ def test_two_gloo_processes_give_the_one_process_weights(tmp_path, tiny_llama, d
     assert valid_records(one) == valid_records(two)  # sharded, all-reduced validation = one process
 
 
+def authors_normalize_by_hand(model_dir: Path, data_dir: Path, world: int, flags: dict,
+                              steps: int = 2, seed: int = 42) -> tuple[dict, list[dict]]:
+    """--loss bear --normalize authors written from its definition, on the untouched initial model
+    (the first update has lr 0, and B starts at 0). Each step's global batch is split over `world`
+    ranks with shard_bounds and each share into micro-batches, as train.py splits it; over the G
+    micro-batches m of ALL ranks, with W_m = sum of w_t over m's positions with > 1 valid token:
+    the authors' objective 1/G sum_m sum_t w_t CE_t / (W_m + 1e-8) (w_t detached) gives the
+    gradient, and train.py logs 1/G sum_m sum_t bear_t / (W_m + 1e-8): BEAR's eq. 3.5 value, whose
+    gradient is the same (grad bear_t = w_t grad CE_t, tests/test_loss.py). Returns the initial
+    adapter and per step the logged value, the gradient and the micro-batch sizes."""
+    import loss
+    from lora import LoraConfig, apply_lora
+    from model import load_model
+    from tokenizer import load_tokenizer
+    tokenizer = load_tokenizer(model_dir)
+    dataset = data.load_dataset(data.DataConfig(dataset="office", data_dir=str(data_dir),
+                                                train_samples=flags["train_samples"], seed=seed))
+    trie = data.build_trie(dataset, tokenizer)
+    windows = data.encode_examples(dataset.train, dataset, tokenizer, trie)
+    model = load_model(model_dir, dtype=torch.float32)
+    torch.manual_seed(seed)
+    apply_lora(model, LoraConfig(dropout=0.0))
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    initial = {name: p.detach().clone() for name, p in params.items()}
+    hyper = dict(beam_width=flags["beam_width"], surrogate=flags.get("surrogate", "paper"))
+    order, size = train.epoch_order(len(windows), seed, 0), flags["global_batch"]
+    results = []
+    for step in range(steps):
+        batch = [windows[i] for i in order[step * size:(step + 1) * size]]
+        micro_batches = []
+        for rank in range(world):
+            start, stop = cli.shard_bounds(len(batch), rank, world)
+            share = batch[start:stop]
+            micro_batches += [share[i:i + flags["micro_batch"]]
+                              for i in range(0, len(share), flags["micro_batch"])]
+        logged = 0.0
+        for micro in micro_batches:
+            b = data.collate_train(micro, tokenizer.pad_id)
+            logits = model(b["input_ids"], logits_at=b["label_mask"])  # (N, V)
+            labels, (rows, tokens) = b["labels"], trie.valid_next(b["label_nodes"])
+            weights = loss.bear_token_weights(logits, labels, rows, tokens, **hyper)  # detached
+            several_valid = torch.bincount(rows, minlength=len(labels)) > 1
+            divisor = float(weights[several_valid].sum()) + 1e-8  # the authors' 1e-8
+            ce = loss.msl(logits, labels, rows, tokens)
+            ((weights * ce).sum() / divisor / len(micro_batches)).backward()
+            bear = loss.bear(logits.detach(), labels, rows, tokens, **hyper)
+            logged += float(bear.sum()) / divisor / len(micro_batches)
+        results.append({"logged": logged, "micro_batches": [len(m) for m in micro_batches],
+                        "grads": {name: p.grad.clone() for name, p in params.items()}})
+        model.zero_grad(set_to_none=False)
+    return initial, results
+
+
+def adamw_by_hand(initial: dict, grads: list[dict], lrs: list[float], max_grad_norm=1.0) -> dict:
+    """The adapter after train.py's AdamW steps (no weight decay, clipped) on these gradients."""
+    params = {name: t.clone().requires_grad_(True) for name, t in initial.items()}
+    optimizer = torch.optim.AdamW(list(params.values()), weight_decay=0.0)
+    for step_grads, lr in zip(grads, lrs):
+        for name, param in params.items():
+            param.grad = step_grads[name].clone()
+        torch.nn.utils.clip_grad_norm_(list(params.values()), max_grad_norm)
+        optimizer.param_groups[0]["lr"] = lr
+        optimizer.step()
+    return {"base_model.model." + name: p.detach() for name, p in params.items()}  # PEFT's keys
+
+
+def test_normalize_authors_is_the_per_micro_batch_mean_on_1_and_2_processes(tmp_path, tiny_llama,
+                                                                            office_slice):
+    """--normalize authors: each micro-batch's sum_t w_t CE_t / (sum of w_t + 1e-8), averaged over
+    the micro-batches of ALL ranks (see authors_normalize_by_hand). 6 windows in global batches of
+    4 -> 4, 2, in micro-batches of 2. Step 1: one process runs [2, 2], two run [2] | [2]: the same
+    micro-batches, so the same loss. Step 2: one process runs [2], two run [1] | [1]: the authors'
+    per-micro-batch mean genuinely differs, so each run is checked against ITS formula (and they
+    differ), and so are the adapters. Both steps see the initial model (the first update has lr 0),
+    so the logged losses and gradient norms are the formula's on the untouched model; the adapter
+    is AdamW's on the formula's gradients. A third run: --surrogate violators, 1 process."""
+    flags = dict(train_samples=6, global_batch=4, micro_batch=2, epochs=1, dtype="fp32",
+                 lora_dropout=0.0, save_every=0, valid_limit=1, normalize="authors")
+    runs = [(1, tmp_path / "one", {}), (2, tmp_path / "two", {}),
+            (1, tmp_path / "violators", {"surrogate": "violators"})]
+    for world, out, extra in runs:
+        argv = train_argv(tiny_llama, office_slice, out, **flags, **extra)
+        if world == 1:
+            assert train.main(argv) == 0
+        else:
+            result = run_script(["train.py", *argv], nproc=world)
+            assert result.returncode == 0, result.stderr[-3000:]
+    lrs = [train.learning_rate(k, 2, train.TrainConfig(lr=1e-2, warmup_steps=1)) for k in (0, 1)]
+    assert lrs == [0.0, 1e-2]  # train_argv's lr and warm-up: step 1 leaves the adapter untouched
+    logged, formulas = [], []
+    for world, out, extra in runs:
+        records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        records = [r for r in records if "loss" in r]
+        initial, expected = authors_normalize_by_hand(tiny_llama, office_slice, world,
+                                                      dict(flags, beam_width=4, **extra))
+        assert [r["step"] for r in records] == [1, 2]
+        for record, formula in zip(records, expected):
+            assert record["loss"] == pytest.approx(formula["logged"], rel=1e-5, abs=1e-6)
+            norm = torch.cat([g.flatten() for g in formula["grads"].values()]).norm()
+            assert record["grad_norm"] == pytest.approx(float(norm), rel=1e-4)
+        weights = adapter(out / manifest(out)["last"])
+        expected_adapter = adamw_by_hand(initial, [f["grads"] for f in expected], lrs)
+        assert weights.keys() == expected_adapter.keys()
+        for name in weights:
+            torch.testing.assert_close(weights[name], expected_adapter[name], rtol=1e-4, atol=1e-6)
+        assert max(weights[n].abs().max().item() for n in weights if ".lora_B." in n) > 1e-3
+        logged.append([r["loss"] for r in records])
+        formulas.append(expected)
+    assert [f["micro_batches"] for f in formulas[0]] == [[2, 2], [2]]
+    assert [f["micro_batches"] for f in formulas[1]] == [[2, 2], [1, 1]]
+    # Step 1, the same micro-batches: the same loss on 1 and 2 processes (the DDP test's tolerance).
+    assert logged[0][0] == pytest.approx(logged[1][0], rel=1e-5, abs=1e-6)
+    # Step 2: the formula says 1 and 2 processes differ, by 10x the tolerance, and so do the runs.
+    gap = abs(formulas[0][1]["logged"] - formulas[1][1]["logged"])
+    assert gap > 1e-4 * abs(formulas[0][1]["logged"])
+    assert abs(logged[0][1] - logged[1][1]) > 0.5 * gap
+    # The violators surrogate is a different loss, not the paper's under another name.
+    assert abs(logged[2][0] - logged[0][0]) > 1e-2
+
+
 def test_learning_rate_matches_transformers_linear_schedule():
     from transformers import get_linear_schedule_with_warmup
     config = train.TrainConfig(lr=1e-4, warmup_steps=20)
@@ -289,7 +409,7 @@ def test_bad_inputs_give_one_error_line_and_write_nothing(case, tmp_path, tiny_l
         "unknown loss": "error: argument --loss: invalid choice: 'dpo'",
         "unknown dataset": "error: unknown dataset 'movies'",
         "no model": "error: --model must name a Hugging Face Llama folder or a hub id",
-        "missing model folder": "error: ",
+        "missing model folder": f"error: --model {tmp_path / 'nowhere'}: no such folder, and not a hub id",
         "zero batch": "error: --micro-batch must be >= 1, got 0",
         "resume and overwrite": "error: --resume and --overwrite exclude each other",
         "other run in out": "already holds a run",
@@ -328,8 +448,12 @@ def test_bad_inputs_give_one_error_line_and_write_nothing(case, tmp_path, tiny_l
 def test_more_processes_than_training_windows_is_refused(tmp_path, tiny_llama, office_slice):
     out = tmp_path / "run"
     result = run_script(["train.py", *train_argv(tiny_llama, office_slice, out, train_samples=1)], nproc=2)
-    assert result.returncode != 0
-    assert "error: 2 processes but only 1 training windows" in result.stderr
+    line = "error: 2 processes but only 1 training windows: use at most 1 processes (or a larger --limit)"
+    assert result.returncode == 1, result.stderr[-3000:]  # torchrun's own (ChildFailedError), not the child's
+    assert result.stderr.count(line) == 2, result.stderr[-3000:]  # rank 0's line, repeated in the summary
+    summary = result.stderr[result.stderr.index("Root Cause"):]
+    assert "rank      : 0 (local_rank: 0)\n  exitcode  : 2 (pid: " in summary, summary  # the child's 2
+    assert f"traceback : {line}" in summary
     assert not out.exists()
 
 
