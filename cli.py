@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import re
+import resource
 import sys
 import time
 from pathlib import Path
@@ -99,6 +100,54 @@ def shard_bounds(count: int, rank: int, world: int) -> tuple[int, int]:
     return start, start + base + (rank < extra)
 
 
+# ----------------------------- Memory: what a process may take, and its peak (--micro-batch auto)
+class Memory:
+    """This process's memory in bytes (the current GPU's allocator, else the resident set):
+    `resident()` now, `peak()` since creation or `reset()` (if the kernel cannot reset VmHWM, the
+    lifetime peak ru_maxrss: `exact` False, an over-estimate); `available()`: the GPU's free
+    memory, or the host's MemAvailable (a cgroup v2 limit's headroom if less) per process."""
+    def __init__(self, device: torch.device):
+        self.gpu, self.exact = device.type == "cuda", True
+        self.reset()
+
+    def reset(self) -> None:
+        try:
+            if self.gpu:
+                torch.cuda.reset_peak_memory_stats()
+            else:
+                Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux)
+        except OSError:
+            self.exact = False
+
+    def resident(self) -> int:
+        return torch.cuda.memory_allocated() if self.gpu else _proc("self/status")["VmRSS"]
+
+    def peak(self) -> int:
+        if self.gpu:
+            return torch.cuda.max_memory_allocated()
+        if self.exact:
+            return _proc("self/status")["VmHWM"]
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return maxrss if sys.platform == "darwin" else maxrss * 1024  # bytes on macOS, else KiB
+
+    def available(self, processes: int) -> int:
+        if self.gpu:
+            return torch.cuda.mem_get_info()[0]
+        free, limit = _proc("meminfo")["MemAvailable"], Path("/sys/fs/cgroup/memory.max")
+        if limit.is_file() and limit.read_text() != "max\n":
+            used = int((limit.parent / "memory.current").read_text())
+            free = min(free, int(limit.read_text()) - used)
+        return free // processes
+
+
+def _proc(name: str) -> dict[str, int]:
+    """/proc/<name>'s `key: N kB` lines, in bytes."""
+    if not Path("/proc", name).is_file():
+        raise ValueError("--micro-batch auto reads /proc (Linux) or CUDA: give --micro-batch N")
+    lines = [line.split() for line in Path("/proc", name).read_text().splitlines()]
+    return {line[0][:-1]: int(line[1]) * 1024 for line in lines if line[-1:] == ["kB"]}
+
+
 class Progress:
     """`what: done/total unit | rate | ~time left` once a pass has run a few seconds, on rank 0:
     redrawn every second on a terminal, a line every `every` seconds into a log file."""
@@ -127,7 +176,7 @@ def format_seconds(seconds: float) -> str:
 
 # ------------------------------ The command line: argparse from a config dataclass, one-line errors
 def option(default, help: str, **metadata):
-    """A config field that build_parser turns into a --flag (metadata: choices)."""
+    """A config field that build_parser turns into a --flag (metadata: choices, type)."""
     return dataclasses.field(default=default, metadata={"help": help, **metadata})
 
 
@@ -141,8 +190,9 @@ def build_parser(config_class, description: str) -> argparse.ArgumentParser:
             parser.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
             kind = {int: int, float: float, "int": int, "float": float}.get(f.type, str)
-            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"]
-                                + " (default: %(default)s)", choices=f.metadata.get("choices"))
+            parser.add_argument(flag, type=f.metadata.get("type", kind), default=f.default,
+                                help=f.metadata["help"] + " (default: %(default)s)",
+                                choices=f.metadata.get("choices"))
     return parser
 
 

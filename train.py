@@ -33,9 +33,9 @@ import amazon
 import data
 import loss as losses
 from beam import BeamConfig, prefix_thresholds
-from cli import (MANIFEST_FILE, Distributed, Progress, build_parser, cli_main, format_seconds,
-                 init_distributed, option, read_json, read_manifest, resolve_model, shard_bounds,
-                 write_json_atomic)
+from cli import (MANIFEST_FILE, Distributed, Memory, Progress, build_parser, cli_main,
+                 format_seconds, init_distributed, option, read_json, read_manifest, resolve_model,
+                 shard_bounds, write_json_atomic)
 from eval import evaluate
 from lora import LoraConfig, apply_lora, load_adapter, save_adapter
 from model import DEFAULT_MODEL, DTYPES, load_model
@@ -45,6 +45,11 @@ LOSSES = ("sft", "msl", "bear", "obj31")
 CONFIG_FILE = "train_config.json"  # the run's TrainConfig, in --out and in every checkpoint
 STATE_FILE = "trainer_state.pt"  # AdamW moments, step, best metric, log length
 LOG_FILE = "log.jsonl"
+GB = 1e9  # memory in the log, the messages and --max-memory
+
+
+def auto_or_int(text: str) -> int | str:  # --micro-batch's type (argparse names it in errors)
+    return text if text == "auto" else int(text)
 
 
 @dataclasses.dataclass
@@ -55,7 +60,10 @@ class TrainConfig:
     out: str = option("out", "checkpoint folder")
     epochs: int = option(10, "passes over the training sample")
     global_batch: int = option(128, "windows per optimizer step, over all processes")
-    micro_batch: int = option(8, "windows per forward/backward pass on one process")
+    micro_batch: int | str = option("auto", "windows per forward/backward pass on one process, or "
+                                    "auto: the most that fit in memory, up to 8", type=auto_or_int)
+    max_memory: float = option(0.0, "GB one process may use, for --micro-batch auto (0 = what the "
+                               "machine has)")
     lr: float = option(1e-4, "peak AdamW learning rate")
     warmup_steps: int = option(20, "linear warm-up steps, then linear decay to 0")
     max_grad_norm: float = option(1.0, "gradient clipping (as transformers' Trainer); 0 = off")
@@ -146,9 +154,11 @@ def train(config: TrainConfig, given: set[str], dist: Distributed) -> dict:
             log.write(json.dumps(record, allow_nan=False) + "\n")
             rate = (time.time() - start_time) / (step - start_step)
             left = format_seconds(rate * (run.total_steps - step))
+            peak = f" | peak {max(record['peak_memory_gb']):.2f} GB/process" + \
+                f" (max of {dist.world})" * (dist.world > 1) if step == start_step + 1 else ""
             dist.print(f"step {step}/{run.total_steps} | epoch {epoch} | loss {record['loss']:.4f}"
                        f" | lr {record['lr']:.2e} | {record['tokens_per_s']:.0f} label tok/s | "
-                       f"{rate:.2f} s/step | ~{left} left")
+                       f"{rate:.2f} s/step | ~{left} left{peak}")
             end_of_epoch = step % run.steps_per_epoch == 0 or step == run.total_steps
             if end_of_epoch:
                 log.write(json.dumps(validate(run, epoch), allow_nan=False) + "\n")
@@ -175,15 +185,14 @@ def train_step(run: Run) -> dict:
     my_batch = global_batch[slice(*shards[dist.rank])]  # ranks differ by one window at most
     # --normalize authors: each micro-batch's weighted mean, averaged over all ranks' micro-batches.
     global_micro_batches = sum(math.ceil((b - a) / config.micro_batch) for a, b in shards)
-    step_start = time.time()
+    step_start, memory = time.time(), Memory(dist.device)  # its peak from here
     reseed_dropout(config.seed, step, dist.rank)
     loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
     which = " (rank 0's share)" if dist.world > 1 else ""  # 128 windows take minutes on a CPU
     progress = Progress(f"step {step + 1}/{run.total_steps}{which}", len(my_batch), rank=dist.rank)
     for first in range(0, len(my_batch), config.micro_batch):
         micro = my_batch[first:first + config.micro_batch]
-        batch = {k: v.to(dist.device) if torch.is_tensor(v) and k != "label_nodes" else v
-                 for k, v in data.collate_train(micro, run.tokenizer.pad_id).items()}  # nodes: CPU
+        batch = collate(micro, run.tokenizer.pad_id, dist.device)
         weight_sums = [] if config.normalize == "authors" else None
         per_position = label_position_losses(run.model, batch, micro, run.trie, config,
                                              run.tokenizer, weight_sums)  # (N,)
@@ -217,7 +226,14 @@ def train_step(run: Run) -> dict:
     run.state["step"] = step + 1
     return {"step": step + 1, "epoch": epoch + 1, "loss": batch_loss, "lr": lr,
             "grad_norm": grad_norm, "label_tokens": global_label_tokens,
-            "tokens_per_s": global_label_tokens / (time.time() - step_start)}
+            "tokens_per_s": global_label_tokens / (time.time() - step_start),
+            "peak_memory_gb": dist.gather([round(memory.peak() / GB, 3)])}  # per rank
+
+
+def collate(micro: list, pad_id: int, device: torch.device) -> dict:
+    """data.collate_train's batch on `device`, the trie nodes left on the CPU."""
+    return {k: v.to(device) if torch.is_tensor(v) and k != "label_nodes" else v
+            for k, v in data.collate_train(micro, pad_id).items()}
 
 
 class TrainingStopped(RuntimeError):
@@ -247,9 +263,9 @@ def validate(run: Run, epoch: int) -> dict:
 def start_run(config: TrainConfig, given: set[str], dist: Distributed) -> Run:
     """Check --out, load the model, data and optimizer, resume or start fresh. Everything that can
     fail on a bad input is loaded before anything is written."""
-    config, revision = prepare_out_dir(config, given)
+    config, saved = prepare_out_dir(config, given)
     out = Path(config.out)
-    source = resolve_model(config.model, revision=revision)
+    source = resolve_model(config.model, revision=saved.get("model_revision"))
     dist.print(f"model: {config.model}"
                + (f" (revision {source.revision}, {source.folder})" if source.hub_id else ""))
     tokenizer = load_tokenizer(source.folder)
@@ -270,12 +286,21 @@ def start_run(config: TrainConfig, given: set[str], dist: Distributed) -> Run:
     params = [p for _, p in sorted(model.named_parameters()) if p.requires_grad]  # LoRA A, B (fp32)
     for param in params:  # rank 0's init everywhere (insurance against a rank-dependent RNG)
         dist.broadcast(param.data)
+    micro_batch, reason = config.micro_batch, None
+    if micro_batch == "auto" and "micro_batch_chosen" in saved:  # resumed: same split, same sums
+        micro_batch, reason = saved["micro_batch_chosen"], saved["micro_batch_reason"]
+    elif micro_batch == "auto":
+        micro_batch, reason = choose_micro_batch(model, windows, trie, config, tokenizer, dist)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)  # betas, eps: defaults
     steps_per_epoch = math.ceil(len(windows) / config.global_batch)  # the last may be short
     total_steps = min(steps_per_epoch * config.epochs, config.max_steps or math.inf)
     # Beside the flags, the weights used (a hub id's commit: eval.py, --resume) and the template.
     record = {**dataclasses.asdict(config), "model_folder": source.folder,
               "model_revision": source.revision, "prompt_template": data.PROMPT}
+    if reason:
+        record.update(micro_batch_chosen=micro_batch, micro_batch_reason=reason)
+        dist.print(f"micro-batch: auto -> {micro_batch} ({reason})")
+    config = dataclasses.replace(config, micro_batch=micro_batch)  # "auto" stays in the record
     manifest = (read_manifest(out) if config.resume else None) or {}
     state = {"step": 0, "best_metric": None, "best_step": None, "epochs": [], "log_bytes": 0}
     if manifest:
@@ -303,6 +328,46 @@ def start_run(config: TrainConfig, given: set[str], dist: Distributed) -> Run:
                optimizer, steps_per_epoch, total_steps, state, manifest)
 
 
+# -------------------------------------- --micro-batch auto: the most windows that fit, chosen once
+def choose_micro_batch(model, windows: list, trie, config: TrainConfig, tokenizer,
+                       dist: Distributed) -> tuple[int, str]:
+    """The largest micro-batch, up to 8 and a rank's share of the global batch, whose forward and
+    backward on the longest windows fit in memory (a trial on one window prices a window, a trial
+    at the pick checks it, halved until it fits), the same on every rank; and why."""
+    memory, processes = Memory(dist.device), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    dist.barrier()  # every rank's model is loaded: the memory left is what they share
+    baseline, free = memory.resident(), memory.available(processes)
+    share = min(baseline + free, config.max_memory * GB or math.inf)  # this process's, in bytes
+    longest = sorted(windows, key=lambda e: len(e.input_ids), reverse=True)
+    model.train()
+
+    def growth(count: int) -> int:  # the peak memory of a forward + backward over the baseline
+        memory.reset()
+        batch = collate(longest[:count], tokenizer.pad_id, dist.device)
+        per_position = label_position_losses(model, batch, longest[:count], trie, config, tokenizer)
+        per_position.sum().backward()
+        model.zero_grad(set_to_none=True)  # and no optimizer step; dropout is re-seeded every step
+        return memory.peak() - baseline
+
+    cost, cap = growth(1), min(8, math.ceil(config.global_batch / dist.world))
+    fit = int((share - baseline) / (1.2 * max(cost, 1)))  # windows that fit, with a 20% margin
+    count = min(dist.gather([min(cap, fit)]))  # the same on every rank
+    while count > 0 and not all(dist.gather([baseline + 1.2 * growth(count) <= share])):
+        count //= 2
+    capped = share < baseline + free
+    room = (f"--max-memory {config.max_memory:g} GB" if capped else
+            f"{free / GB:.1f} GB free on the GPU" if memory.gpu else
+            f"{free / GB:.2f} GB available per process ({processes} on this host)")
+    why = (f"a window adds ~{cost / GB:.2f} GB at its longest{' (coarse)' * (not memory.exact)} to "
+           f"{baseline / GB:.2f} GB loaded, {room}")
+    if count < 1:
+        fix = "a larger --max-memory" if capped else "fewer processes"
+        raise ValueError(f"not even one window per micro-batch fits in memory: a process needs "
+                         f"{(baseline + 1.2 * cost) / GB:.2f} GB with a 20% margin and has "
+                         f"{share / GB:.3g} GB ({why}); use {fix} or a smaller --model")
+    return count, f"{why}; cap {cap}"
+
+
 # ------------------------- The data order and the learning rate: functions of (seed, epoch, step)
 def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     """The epoch's example order, identical on every rank."""
@@ -323,17 +388,17 @@ def reseed_dropout(seed: int, step: int, rank: int) -> None:
 
 
 # --------------------------------------------- The --out folder: one run, resumed from its manifest
-def prepare_out_dir(config: TrainConfig, given: set[str]) -> tuple[TrainConfig, str | None]:
-    """--out against --resume / --overwrite: the config to run, checked; a resume's hub commit."""
-    out, path, revision = Path(config.out), Path(config.out) / CONFIG_FILE, None
+def prepare_out_dir(config: TrainConfig, given: set[str]) -> tuple[TrainConfig, dict]:
+    """--out against --resume / --overwrite: the config to run, checked, and a resume's record."""
+    out, path, recorded = Path(config.out), Path(config.out) / CONFIG_FILE, {}
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
     if path.exists() and not config.overwrite:  # --overwrite: the old run is removed once loaded
-        saved = read_json(path)
-        if not isinstance(saved, dict) or not {"dataset", "loss", "model"} <= set(saved):
+        recorded = read_json(path)
+        if not isinstance(recorded, dict) or not {"dataset", "loss", "model"} <= set(recorded):
             raise ValueError(f"{path}: not a train.py config; the file is damaged")
-        revision = saved.get("model_revision")
-        saved = TrainConfig(**{k: saved[k] for k in TrainConfig.__dataclass_fields__ if k in saved})
+        saved = TrainConfig(**{k: v for k, v in recorded.items()
+                               if k in TrainConfig.__dataclass_fields__})
         if not config.resume:
             raise ValueError(f"--out {out} already holds a run ({CONFIG_FILE}: --loss {saved.loss} "
                              f"on {saved.dataset}); pass --resume to continue it or --overwrite to "
@@ -345,7 +410,7 @@ def prepare_out_dir(config: TrainConfig, given: set[str]) -> tuple[TrainConfig, 
                                  f"({path}); start a new run in another --out")
         config = dataclasses.replace(saved, **{k: getattr(config, k) for k in RESUME_MAY_CHANGE})
     check_config(config)
-    return config, revision
+    return config, recorded
 
 
 def fetch_on_first_use(config: TrainConfig, dist: Distributed) -> None:
@@ -431,12 +496,12 @@ def check_config(config: TrainConfig) -> None:
     for wanted, bad, names in [
             (">= 1", lambda v: v < 1, "epochs global_batch micro_batch beam_width eval_batch"),
             (">= 0", lambda v: v < 0, "warmup_steps save_every max_steps limit valid_limit "
-                                      "max_grad_norm train_samples"),
+                                      "max_grad_norm train_samples max_memory"),
             ("a finite number", lambda v: not math.isfinite(v),  # "nan" and "inf" parse as floats
-             "lr xi tau lam max_grad_norm lora_dropout"),
+             "lr xi tau lam max_grad_norm lora_dropout max_memory"),
             ("> 0", lambda v: not v > 0, "lr xi tau")]:
         for name in names.split():
-            if bad(value := getattr(config, name)):
+            if (value := getattr(config, name)) != "auto" and bad(value):
                 raise ValueError(f"--{name.replace('_', '-')} must be {wanted}, got {value}")
     if config.lam < 0:  # it would push positive tokens OUT of the top-B, the opposite of eq. 3.4
         raise ValueError(f"--lam must be >= 0 (0 = the base loss alone), got {config.lam}")
@@ -445,6 +510,11 @@ def check_config(config: TrainConfig) -> None:
     if config.loss != "bear" and (config.surrogate != "paper" or config.normalize != "tokens"):
         raise ValueError(f"--surrogate and --normalize apply only to --loss bear, got --loss "
                          f"{config.loss}")
+    if config.normalize == "authors" and config.micro_batch == "auto":
+        raise ValueError("--normalize authors divides by each micro-batch's weights, so the "
+                         "micro-batch is part of the loss: give it, e.g. --micro-batch 8")
+    if config.max_memory and config.micro_batch != "auto":
+        raise ValueError("--max-memory applies to --micro-batch auto only")
     if config.resume and config.overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
     lora_config(config)  # LoraConfig checks r, alpha, dropout and the target names

@@ -74,6 +74,7 @@ def fingerprint(args) -> dict:
             for record in log:  # wall-clock fields are not behaviour
                 record.pop("tokens_per_s", None)
                 record.pop("valid_s", None)
+                record.pop("peak_memory_gb", None)  # a measurement too
             last = json.loads((run / "checkpoint.json").read_text())["last"]
             digest = hashlib.sha256((run / last / "adapter_model.safetensors").read_bytes()).hexdigest()
             result[f"train_{arm}"] = {"log": log, "adapter_sha256": digest}
