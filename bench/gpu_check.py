@@ -114,7 +114,7 @@ class Sizes:
     beam_prompts: int      # part 1: Office test prompts searched on both devices
     eval_windows: int      # part 2: eval.py --limit
     speed_shape: dict      # part 3: the model's config.json fields
-    train_windows: int     # part 3: Office windows in the timed training step (train.py's default micro-batch: 8)
+    train_windows: int     # part 3: Office windows in the timed training step (train.py's largest auto micro-batch: 8)
     search_users: int      # part 3: Office test users in each timed beam search
     search_batch: int      # part 3: users per pass, both implementations (eval.py's default: 16)
     sync_users: int        # part 3: users of the search whose synchronisations are counted

@@ -71,17 +71,19 @@ def test_every_step_logs_each_processes_peak_memory(auto_run):
     assert "peak" not in next(line for line in stdout.splitlines() if line.startswith("step 2/2 |"))
 
 
-def test_a_resume_reuses_the_recorded_choice(tmp_path, tiny_llama, office_slice, monkeypatch):
+def test_a_resume_reuses_the_recorded_choice(tmp_path, tiny_llama, office_slice):
+    """Every run in a child process of one thread, as the kill tests of test_train.py: the same float sums."""
     flags = dict(FLAGS, micro_batch="auto", global_batch=4, save_every=2)  # 4 steps, a checkpoint at 2
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    assert train.main(train_argv(tiny_llama, office_slice, whole, **flags)) == 0
+    assert run_script(["train.py", *train_argv(tiny_llama, office_slice, whole, **flags)]).returncode == 0
     argv = train_argv(tiny_llama, office_slice, killed, **flags)
     assert run_killed(argv, kill_at_step(3)).returncode < 0  # SIGKILLed at step 4, step 2's checkpoint kept
-
-    def no_trial(*args):
-        raise AssertionError("a resume must not measure again")
-    monkeypatch.setattr(train, "choose_micro_batch", no_trial)
-    assert train.main(argv + ["--resume"]) == 0
+    no_trial = "def no_trial(*args):\n    raise AssertionError('a resume must not measure again')\n" \
+               "train.choose_micro_batch = no_trial"
+    resumed = run_killed(argv + ["--resume"], no_trial)  # the patch forbids a new trial
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    chosen = [json.loads((out / "train_config.json").read_text())["micro_batch_chosen"] for out in (whole, killed)]
+    assert chosen[0] == chosen[1]
     assert [r.get("loss") for r in records(killed)] == [r.get("loss") for r in records(whole)]
     mine, theirs = last_adapter(killed), last_adapter(whole)
     for name in mine:
