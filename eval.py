@@ -22,7 +22,7 @@ from cli import (Distributed, Progress, build_parser, cli_main, init_distributed
                  read_json, resolve_checkpoint, resolve_model, shard_bounds, write_json_atomic,
                  write_text_atomic)
 from lora import load_adapter
-from model import DTYPES, load_model
+from model import DTYPES, load_model, weights_sha256
 from tokenizer import load_tokenizer
 
 CUTOFFS = (5, 10)  # the K of NDCG@K / HR@K / PR@K (SPEC §5)
@@ -81,7 +81,9 @@ class EvalConfig:
     limit: int = option(0, "only the first N windows of the split (0 = all); a partial result goes "
                            "to metrics-<split>-limit<N>.json")
     data_dir: str = option("", "data root, if not where the run was trained (default: the one "
-                               "recorded in the checkpoint)")
+                               "recorded in the checkpoint, else $BEAR_DATA, else ./data)")
+    model: str = option("", "base model folder or hub id, if not the one recorded in the "
+                            "checkpoint (a warning line when its weights are not those trained on)")
     pruning: bool = option(False, "add PR@5/10 and the violation rate (exact top-K)")
     dump: str = option("", "write per-window predictions to this .jsonl file")
     batch: int = option(16, "users per beam-search pass")
@@ -104,10 +106,15 @@ def run_eval(config: EvalConfig, dist: Distributed) -> dict:
         raise ValueError(f"{checkpoint / 'train_config.json'}: trained with a different prompt "
                          "template than data.PROMPT; evaluate with the code version that "
                          "trained it")
-    source = resolve_model(trained["model"], revision=trained.get("model_revision"))
+    source = resolve_model(config.model) if config.model else \
+        resolve_model(trained["model"], revision=trained.get("model_revision"))
+    recorded = trained.get("weights_sha256")  # the weights trained on, wherever they live now
+    if recorded and dist.rank == 0 and weights_sha256(source.folder) != recorded:
+        print(f"warning: {source.folder} does not hold the weights this adapter was trained on "
+              f"(sha256 {recorded[:12]}...); its results will differ", file=sys.stderr, flush=True)
     tokenizer = load_tokenizer(source.folder)
     dataset = data.load_dataset(data.DataConfig(
-        dataset=trained["dataset"], data_dir=config.data_dir or trained["data_dir"] or None,
+        dataset=trained["dataset"], data_dir=config.data_dir or recorded_data_dir(trained),
         train_samples=trained["train_samples"], seed=trained["seed"]))
     trie = data.build_trie(dataset, tokenizer)
     examples = getattr(dataset, config.split)[:config.limit or None]  # --limit 0: all
@@ -142,6 +149,12 @@ def run_eval(config: EvalConfig, dist: Distributed) -> dict:
     # a rank that raised alone would wait there, not exit and let torchrun stop the rest.
     dist.barrier()
     return report
+
+
+def recorded_data_dir(trained: dict) -> str | None:
+    """The data root the run recorded, when this machine has it; else None: $BEAR_DATA or ./data."""
+    recorded = trained["data_dir"]
+    return recorded if recorded and Path(recorded).is_dir() else None
 
 
 def main(argv=None) -> int:

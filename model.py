@@ -12,6 +12,7 @@ query heads per key/value head, S the most rows of any one prompt.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -497,3 +498,14 @@ def load_model(path, dtype=torch.bfloat16, device="cpu") -> LlamaForCausalLM:
     if config.tie_word_embeddings:   # assign=True gave each name its own Parameter: tie them again
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
+
+
+def weights_sha256(folder) -> str:
+    """SHA-256 over a model folder's safetensors files, in name order: which weights a run used,
+    whatever folder or hub id holds them (train_config.json records it, eval.py checks it)."""
+    digest = hashlib.sha256()
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()

@@ -38,7 +38,7 @@ from cli import (MANIFEST_FILE, Distributed, Memory, Progress, build_parser, cli
                  shard_bounds, write_json_atomic)
 from eval import evaluate
 from lora import LoraConfig, apply_lora, load_adapter, save_adapter
-from model import DEFAULT_MODEL, DTYPES, load_model
+from model import DEFAULT_MODEL, DTYPES, load_model, weights_sha256
 from tokenizer import load_tokenizer
 
 LOSSES = ("sft", "msl", "bear", "obj31")
@@ -294,9 +294,11 @@ def start_run(config: TrainConfig, given: set[str], dist: Distributed) -> Run:
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)  # betas, eps: defaults
     steps_per_epoch = math.ceil(len(windows) / config.global_batch)  # the last may be short
     total_steps = min(steps_per_epoch * config.epochs, config.max_steps or math.inf)
-    # Beside the flags, the weights used (a hub id's commit: eval.py, --resume) and the template.
+    # Beside the flags, the weights used (a hub id's commit: eval.py, --resume; their hash, checked
+    # by eval.py wherever they live) and the prompt template.
     record = {**dataclasses.asdict(config), "model_folder": source.folder,
-              "model_revision": source.revision, "prompt_template": data.PROMPT}
+              "model_revision": source.revision, "prompt_template": data.PROMPT,
+              "weights_sha256": weights_sha256(source.folder) if dist.rank == 0 else None}
     if reason:
         record.update(micro_batch_chosen=micro_batch, micro_batch_reason=reason)
         dist.print(f"micro-batch: auto -> {micro_batch} ({reason})")

@@ -463,6 +463,15 @@ def report(results: Path) -> str:
                                                              for name in ("ndcg@10", "hr@10", "nc_rate")) + " |")
         m = point["msl"]
         lines.append(f"| 0 (MSL) | - | msl | {m['ndcg@10']:.4f} | {m['hr@10']:.4f} | {m['nc_rate']:.4f} | | | |")
+        # A difference is paired only where both runs trained on the same weights (train_config.json's
+        # weights_sha256; None for runs from before it was recorded).
+        trained_on = {arm: runs[arm_run[arm]]["config"].get("weights_sha256") if arm_run[arm] in runs
+                      else None for arm in [*sweep.values(), "msl"]}
+        other = [arm for arm in sweep.values() if trained_on[arm] != trained_on["msl"]]
+        if other:
+            lines += ["", f"Not comparable with MSL: {', '.join(other)} trained on other weights than MSL "
+                          f"(weights_sha256 {trained_on[other[0]] or 'unrecorded'} against "
+                          f"{trained_on['msl'] or 'unrecorded'}): the differences above mix the two builds."]
         sweep_figure(results, sweep, selection, point, columns, weights)
     scaled = sorted({arm.split("-n")[1] for arm in arms if arm.startswith(("msl-n", "bear-n"))}, key=int)
     if scaled and {"msl", "bear"} <= set(arms):

@@ -276,3 +276,38 @@ def test_pruning_metrics_all_reduced_over_two_processes(pruning_case, trained, e
     for key, value in expected.items():
         assert sharded[key] == pytest.approx(value, abs=1e-12) and sharded[key] == pytest.approx(metrics[key],
                                                                                                abs=1e-12), key
+
+
+def test_a_run_moved_to_another_machine_evaluates_with_model_and_warns_on_other_weights(
+        trained, tiny_llama, office_slice, tmp_path):
+    """A run whose recorded model and data root this machine lacks (as a committed run on a fresh clone):
+    `--model` points at the weights and $BEAR_DATA at the data, with the same ranked lists as at home; weights
+    whose hash is not the recorded one give one warning line."""
+    home = tmp_path / "home.jsonl"
+    assert run_script(["eval.py", "--ckpt", str(trained), "--dump", str(home)]).returncode == 0
+    moved = tmp_path / "moved"
+    shutil.copytree(trained, moved)
+    for config_path in moved.rglob("train_config.json"):
+        config = json.loads(config_path.read_text())
+        assert config["weights_sha256"] and config["model"] == str(tiny_llama)
+        config.update(model=str(tmp_path / "elsewhere" / "model"), model_folder=None,
+                      data_dir=str(tmp_path / "elsewhere" / "data"))
+        config_path.write_text(json.dumps(config))
+    env = {"BEAR_DATA": str(office_slice)}
+    gone = run_script(["eval.py", "--ckpt", str(moved)], env=env)
+    assert gone.returncode == 2 and "no such folder" in gone.stderr.strip().splitlines()[-1]
+
+    dump = tmp_path / "moved.jsonl"
+    same = run_script(["eval.py", "--ckpt", str(moved), "--model", str(tiny_llama), "--dump", str(dump)], env=env)
+    assert same.returncode == 0 and "warning" not in same.stderr, same.stderr[-3000:]
+    assert read_jsonl(dump) == read_jsonl(home)
+
+    other = tmp_path / "other_weights"
+    shutil.copytree(tiny_llama, other)
+    weights = bytearray((other / "model.safetensors").read_bytes())
+    weights[-1] ^= 1                                         # one bit of the last weight
+    (other / "model.safetensors").write_bytes(bytes(weights))
+    warned = run_script(["eval.py", "--ckpt", str(moved), "--model", str(other)], env=env)
+    warnings = [line for line in warned.stderr.splitlines() if line.startswith("warning:")]
+    assert warned.returncode == 0 and len(warnings) == 1, warned.stderr[-3000:]
+    assert str(other) in warnings[0] and "not hold the weights this adapter was trained on" in warnings[0]

@@ -82,9 +82,10 @@ def train_argv(model: Path, data_dir: Path, out: Path, **flags) -> list[str]:
     return argv
 
 
-def run_script(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
-    """python <args> (or torchrun with `nproc` gloo processes) in the repo root."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def run_script(args: list[str], nproc: int = 1, timeout: int = 300, env: dict | None = None
+               ) -> subprocess.CompletedProcess:
+    """python <args> (or torchrun with `nproc` gloo processes) in the repo root, `env` added."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     launcher = [sys.executable] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     return subprocess.run(launcher + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
