@@ -139,13 +139,16 @@ def test_msl_single_valid_token_contributes_exactly_zero():
     assert (values[~single] > 0).all()
 
 
-@pytest.mark.parametrize("seed,beam_width,lam,xi,tau,base", [
+BEAR_CASES = [  # seed, B, lambda (eq. 3.5 units), xi, tau, base
     (0, 10, 0.6875, 2.75, 1.0, "msl"),
     (1, 3, 2.0, 0.5, 1.0, "msl"),
     (2, 10, 0.6875, 2.75, 0.6, "msl"),
     (3, 5, 1.3, 1.5, 1.0, "sft"),
     (4, 1, 0.4, 1.0, 1.0, "msl"),
-])
+]
+
+
+@pytest.mark.parametrize("seed,beam_width,lam,xi,tau,base", BEAR_CASES)
 def test_bear_matches_reference(seed, beam_width, lam, xi, tau, base):
     logits, labels, rows, tokens = random_case(seed, vocab_size=80 + 40 * seed)
     kwargs = dict(beam_width=beam_width, lam=lam, xi=xi, tau=tau, base=base)
@@ -158,13 +161,7 @@ def test_bear_matches_reference(seed, beam_width, lam, xi, tau, base):
     assert (values - base_values).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("seed,beam_width,lam,xi,tau,base", [
-    (0, 10, 0.6875, 2.75, 1.0, "msl"),
-    (1, 3, 2.0, 0.5, 1.0, "msl"),
-    (2, 10, 0.6875, 2.75, 0.6, "msl"),
-    (3, 5, 1.3, 1.5, 1.0, "sft"),
-    (4, 1, 0.4, 1.0, 1.0, "msl"),
-])
+@pytest.mark.parametrize("seed,beam_width,lam,xi,tau,base", BEAR_CASES)
 def test_bear_violators_matches_float64_reference(seed, beam_width, lam, xi, tau, base):
     """--surrogate violators (our ablation): L_base - lam log sigmoid(-Delta_t^B / xi), values and
     gradients against the float64 loop."""
