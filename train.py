@@ -133,9 +133,23 @@ def label_position_losses(model, batch: dict, micro: list, trie, config: TrainCo
 
 
 # ------------------------------------ The run: set up once, then steps, validation and checkpoints
-Run = dataclasses.make_dataclass("Run", ["config", "dist", "record", "tokenizer", "dataset", "trie",
-                                         "train_examples", "model", "params", "optimizer",
-                                         "steps_per_epoch", "total_steps", "state", "manifest"])
+@dataclasses.dataclass
+class Run:
+    """A training run once set up (start_run): what every step, validation and checkpoint reads."""
+    config: TrainConfig
+    dist: Distributed
+    record: dict                 # train_config.json: the flags, the weights used, the template
+    tokenizer: object
+    dataset: data.Dataset
+    trie: data.ItemTrie
+    train_examples: list         # data.EncodedExample, tokenised once
+    model: torch.nn.Module
+    params: list                 # the trainable LoRA tensors (fp32), in one order on every rank
+    optimizer: torch.optim.Optimizer
+    steps_per_epoch: int
+    total_steps: int
+    state: dict                  # step, best metric and step, validation records, log length
+    manifest: dict               # checkpoint.json: the last and the best complete checkpoints
 
 
 def train(config: TrainConfig, given: set[str], dist: Distributed) -> dict:
