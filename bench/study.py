@@ -501,23 +501,37 @@ def report(results: Path) -> str:
     return text
 
 
-def figure(results: Path, point: dict, columns: dict, weights) -> None:
-    """PR@10, the necessary-condition rate and NDCG@10 per arm with bootstrap 95% bars (in the spirit of Fig. 6)."""
+def pyplot():
+    """matplotlib's pyplot off-screen, or None with a note: the figures are optional."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return print("note: matplotlib is not installed, no figure (pip install matplotlib)", flush=True)
+    return plt
+
+
+def bootstrap_bars(arms: list[str], name: str, point: dict, columns: dict, weights):
+    """Each arm's value of metric `name` and its bootstrap 95% interval as error-bar lengths (2, n)."""
+    values = [point[arm][name] for arm in arms]
+    spread = [np.percentile(metrics_from(columns[arm], weights)[name], [2.5, 97.5]) for arm in arms]
+    errors = [[v - lo for v, (lo, _) in zip(values, spread)], [hi - v for v, (_, hi) in zip(values, spread)]]
+    return values, np.clip(errors, 0, None)
+
+
+def figure(results: Path, point: dict, columns: dict, weights) -> None:
+    """PR@10, the necessary-condition rate and NDCG@10 per arm with bootstrap 95% bars (in the spirit of Fig. 6)."""
+    plt = pyplot()
+    if plt is None:
+        return
     panels = (("pr@10", "PR@10 (lower is better)"), ("nc_rate", "necessary-condition rate"),
               ("ndcg@10", "NDCG@10"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     for ax, (name, title) in zip(axes, panels):
         arms = [arm for arm in point if name in point[arm]]
-        values = [point[arm][name] for arm in arms]
-        spread = [np.percentile(metrics_from(columns[arm], weights)[name], [2.5, 97.5]) for arm in arms]
-        errors = np.array([[v - lo for v, (lo, _) in zip(values, spread)], [hi - v for v, (_, hi) in zip(values, spread)]])
-        ax.bar(range(len(arms)), values, yerr=np.clip(errors, 0, None), capsize=3,
+        values, errors = bootstrap_bars(arms, name, point, columns, weights)
+        ax.bar(range(len(arms)), values, yerr=errors, capsize=3,
                color=["#d62728" if "bear" in arm else "#1f77b4" if arm in ("sft", "msl", "obj31") else "#7f7f7f"
                       for arm in arms])
         ax.set_xticks(range(len(arms)), arms, rotation=35, ha="right", fontsize=8)
@@ -542,12 +556,9 @@ def sweep_arms(arms: dict, selection: dict) -> dict[tuple[float, float], str]:
 def sweep_figure(results: Path, sweep: dict, selection: dict, point: dict, columns: dict, weights) -> None:
     """Fig. 8's layout: NDCG@10 and the necessary-condition rate against lambda' (at the chosen xi) and against
     xi (at the chosen lambda'), bootstrap 95% bars, MSL (lambda = 0) as a dashed line."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return print("note: matplotlib is not installed, no figure (pip install matplotlib)", flush=True)
+    plt = pyplot()
+    if plt is None:
+        return
     tw0, xi0 = float(selection["topk_weight"]), float(selection["xi"])
     metrics = (("ndcg@10", "NDCG@10"), ("nc_rate", "necessary-condition rate"))
     fig, axes = plt.subplots(len(metrics), 2, figsize=(8.4, 6.4), squeeze=False)
@@ -555,10 +566,7 @@ def sweep_figure(results: Path, sweep: dict, selection: dict, point: dict, colum
         for col, fixed in enumerate((lambda tw, xi: xi == xi0, lambda tw, xi: tw == tw0)):
             keys = sorted(key for key in sweep if fixed(*key))
             xs = [key[col] for key in keys]
-            values = [point[sweep[key]][name] for key in keys]
-            spread = [np.percentile(metrics_from(columns[sweep[key]], weights)[name], [2.5, 97.5]) for key in keys]
-            errors = np.clip([[v - lo for v, (lo, _) in zip(values, spread)],
-                              [hi - v for v, (_, hi) in zip(values, spread)]], 0, None)
+            values, errors = bootstrap_bars([sweep[key] for key in keys], name, point, columns, weights)
             ax = axes[row][col]
             ax.errorbar(xs, values, yerr=errors, marker="o", capsize=3, color="#d62728", label="BEAR")
             ax.axhline(point["msl"][name], linestyle="--", color="#1f77b4", label="MSL (lambda = 0)")
