@@ -494,8 +494,7 @@ def parse_config(argv) -> tuple[TrainConfig, set[str]]:
     # id stays as typed (its commit is recorded).
     if config.model and Path(config.model).expanduser().is_dir():
         config.model = str(Path(config.model).expanduser().resolve())
-    data_dir = Path(config.data_dir or os.environ.get("BEAR_DATA") or "data").expanduser()
-    config.data_dir = str(data_dir.resolve())
+    config.data_dir = str(data.resolve_data_root(config.data_dir).resolve())
     if config.dataset.lower() not in data.DATASETS and Path(config.dataset).expanduser().is_dir():
         config.dataset = str(Path(config.dataset).expanduser().resolve())  # a folder of your own
     return config, given
