@@ -130,6 +130,17 @@ def run_study(preset: Preset, results: Path, work: Path) -> None:
                               dict(loss="bear", surrogate="violators"))):
         run = train_unit(preset, results, work, name, lr=lr, lam=lam, xi=xi, **flags)
         evaluate_unit(preset, results, work, arm, run)
+    # RQ5 and the scale point compare BEAR with an MSL trained on the same weights. Where the runs above predate
+    # the weights' hash (train_config.json's weights_sha256) or used other weights, MSL and the chosen BEAR are
+    # trained again on these, as `msl-w<hash>` and the sweep's own point at the chosen (lambda', xi).
+    current = weights_hash(preset.model)
+    if msl["config"].get("weights_sha256") != current:
+        suffix = f"-w{current[:8]}"
+        evaluate_unit(preset, results, work, f"msl{suffix}",
+                      train_unit(preset, results, work, f"msl-lr{lr:g}{suffix}", loss="msl", lr=lr))
+        evaluate_unit(preset, results, work, f"bear-tw{tw:g}-xi{xi:g}",
+                      train_unit(preset, results, work, f"bear-lr{lr:g}-tw{tw:g}-xi{xi:g}{suffix}", loss="bear",
+                                 lr=lr, lam=lam, xi=xi))
     # RQ5: lambda' and xi one at a time around BEAR's chosen point (run, like every unit, only if missing).
     for sweep_tw, sweep_xi in sweep_points(preset, tw, xi):
         run = train_unit(preset, results, work, f"bear-lr{lr:g}-tw{sweep_tw:g}-xi{sweep_xi:g}", loss="bear",
@@ -150,6 +161,13 @@ def sweep_points(preset: Preset, tw: float, xi: float) -> list[tuple[float, floa
     """RQ5's one-factor-at-a-time points around the chosen (lambda', xi), the chosen point left out."""
     points = [(t, xi) for t in preset.sweep_topk_weights] + [(tw, x) for x in preset.sweep_xis]
     return [point for point in points if point != (tw, xi)]
+
+
+def weights_hash(model: str) -> str:
+    """The SHA-256 of the model's weights, as train.py records it (a hub id through its local snapshot)."""
+    from cli import resolve_model
+    from model import weights_sha256
+    return weights_sha256(resolve_model(model).folder)
 
 
 def select(runs: list[dict]) -> dict:
@@ -451,7 +469,9 @@ def report(results: Path) -> str:
         return f"{point[a][name] - point[b][name]:+.4f} [{low:+.4f}, {high:+.4f}]"
 
     sweep = sweep_arms(arms, selection)
-    if sweep and "msl" in arms:
+    # The sweep's MSL: the one retrained on the sweep's weights where the study's own MSL predates them.
+    baseline = next((arm for arm in arms if arm.startswith("msl-w")), "msl")
+    if sweep and baseline in arms:
         lines += ["", "**Sensitivity to lambda' and xi** (RQ5, Fig. 8; one factor at a time around the chosen "
                       "point; the difference to MSL with its paired bootstrap 95% CI):", "",
                   "| lambda' | xi | arm | NDCG@10 | HR@10 | NC rate | NDCG@10 − MSL | HR@10 − MSL | NC rate − MSL |",
@@ -459,20 +479,20 @@ def report(results: Path) -> str:
         for (tw, xi), arm in sorted(sweep.items()):
             m = point[arm]
             lines.append(f"| {tw:g} | {xi:g} | {arm} | {m['ndcg@10']:.4f} | {m['hr@10']:.4f} | "
-                         f"{m['nc_rate']:.4f} | " + " | ".join(difference(arm, "msl", name)
+                         f"{m['nc_rate']:.4f} | " + " | ".join(difference(arm, baseline, name)
                                                              for name in ("ndcg@10", "hr@10", "nc_rate")) + " |")
-        m = point["msl"]
-        lines.append(f"| 0 (MSL) | - | msl | {m['ndcg@10']:.4f} | {m['hr@10']:.4f} | {m['nc_rate']:.4f} | | | |")
+        m = point[baseline]
+        lines.append(f"| 0 (MSL) | - | {baseline} | {m['ndcg@10']:.4f} | {m['hr@10']:.4f} | {m['nc_rate']:.4f} | | | |")
         # A difference is paired only where both runs trained on the same weights (train_config.json's
         # weights_sha256; None for runs from before it was recorded).
         trained_on = {arm: runs[arm_run[arm]]["config"].get("weights_sha256") if arm_run[arm] in runs
-                      else None for arm in [*sweep.values(), "msl"]}
-        other = [arm for arm in sweep.values() if trained_on[arm] != trained_on["msl"]]
+                      else None for arm in [*sweep.values(), baseline]}
+        other = [arm for arm in sweep.values() if trained_on[arm] != trained_on[baseline]]
         if other:
             lines += ["", f"Not comparable with MSL: {', '.join(other)} trained on other weights than MSL "
                           f"(weights_sha256 {trained_on[other[0]] or 'unrecorded'} against "
-                          f"{trained_on['msl'] or 'unrecorded'}): the differences above mix the two builds."]
-        sweep_figure(results, sweep, selection, point, columns, weights)
+                          f"{trained_on[baseline] or 'unrecorded'}): the differences above mix the two builds."]
+        sweep_figure(results, sweep, selection, point, columns, weights, baseline)
     scaled = sorted({arm.split("-n")[1] for arm in arms if arm.startswith(("msl-n", "bear-n"))}, key=int)
     if scaled and {"msl", "bear"} <= set(arms):
         lines += ["", "**Scale** (the same protocol on more training windows; paired bootstrap 95% CIs):", "",
@@ -548,12 +568,14 @@ def sweep_arms(arms: dict, selection: dict) -> dict[tuple[float, float], str]:
         if arm.startswith("bear-tw"):
             tw, xi = arm.removeprefix("bear-tw").split("-xi")
             points[(float(tw), float(xi))] = arm
-    if points and "bear" in arms and selection:
-        points[(float(selection["topk_weight"]), float(selection["xi"]))] = "bear"
+    chosen = selection and (float(selection["topk_weight"]), float(selection["xi"]))
+    if points and "bear" in arms and chosen and chosen not in points:  # not retrained on the sweep's weights
+        points[chosen] = "bear"
     return points
 
 
-def sweep_figure(results: Path, sweep: dict, selection: dict, point: dict, columns: dict, weights) -> None:
+def sweep_figure(results: Path, sweep: dict, selection: dict, point: dict, columns: dict, weights,
+                 baseline: str) -> None:
     """Fig. 8's layout: NDCG@10 and the necessary-condition rate against lambda' (at the chosen xi) and against
     xi (at the chosen lambda'), bootstrap 95% bars, MSL (lambda = 0) as a dashed line."""
     plt = pyplot()
@@ -569,7 +591,7 @@ def sweep_figure(results: Path, sweep: dict, selection: dict, point: dict, colum
             values, errors = bootstrap_bars([sweep[key] for key in keys], name, point, columns, weights)
             ax = axes[row][col]
             ax.errorbar(xs, values, yerr=errors, marker="o", capsize=3, color="#d62728", label="BEAR")
-            ax.axhline(point["msl"][name], linestyle="--", color="#1f77b4", label="MSL (lambda = 0)")
+            ax.axhline(point[baseline][name], linestyle="--", color="#1f77b4", label="MSL (lambda = 0)")
             ax.set_xscale("log")
             ax.set_xticks(xs, [f"{x:g}" for x in xs], minor=False)
             ax.minorticks_off()
