@@ -92,10 +92,10 @@ def beam_search(model, prompts, trie, eos_id, pad_id, config=BeamConfig(), progr
 
 
 def _beam_search_batch(model, prompts, trie, eos_id, pad_id, config, prefilled=None):
-    """The module docstring's search for one batch; `prefilled` = _prefill's (cache, logits)."""
+    """The module docstring's search for one batch; `prefilled` = prefill's (cache, logits)."""
     width, penalty = config.beam_width, config.length_penalty
     determined = _determined_nodes(trie, config.mask_before_softmax)            # (num_nodes,)
-    cache, logits = prefilled or _prefill(model, prompts, pad_id)               # logits (U, V)
+    cache, logits = prefilled or prefill(model, prompts, pad_id)               # logits (U, V)
     beams = Beams.start(len(prompts))
     active = torch.arange(len(prompts))                                         # (U,) prompts
     finished_score = torch.full((len(prompts), width), -math.inf)  # (U, B) best first, -inf: none
@@ -188,7 +188,7 @@ def _thresholds_batch(model, prompts, labels, trie, eos_id, pad_id, config, tau)
     """`_beam_search_batch` without finishing or stopping, recording the thresholds."""
     width = config.beam_width
     determined = _determined_nodes(trie, config.mask_before_softmax)  # log p = 0 for any tau > 0
-    cache, logits = _prefill(model, prompts, pad_id)
+    cache, logits = prefill(model, prompts, pad_id)
     beams = Beams.start(len(prompts))
     active = torch.arange(len(prompts))                                         # (U,) each example
     thresholds = [[] for _ in prompts]
@@ -227,7 +227,7 @@ def search_and_teacher_force(model, prompts, targets, trie, eos_id, pad_id, conf
     lists over the target's tokens t of rank_t (`_label_ranks`; the necessary condition p_t >=
     beta_t holds iff rank_t < B), |V_t|, and log p_t as the search scores it (sum: log P(y|x))."""
     def run_batch(batch, batch_targets):
-        cache, logits = _prefill(model, batch, pad_id)
+        cache, logits = prefill(model, batch, pad_id)
         forced = _teacher_force(model, cache, logits, batch_targets, trie, pad_id,
                                 config.mask_before_softmax)
         return zip(_beam_search_batch(model, batch, trie, eos_id, pad_id, config,
@@ -239,19 +239,8 @@ def search_and_teacher_force(model, prompts, targets, trie, eos_id, pad_id, conf
 
 def _teacher_force(model, cache, first_logits, targets, trie, pad_id, mask_before_softmax):
     """Run each target's tokens on its prompt's cached prefill (`cache` itself stays as it is)."""
-    tokens = [list(trie.item_tokens[target]) for target in targets]
-    lengths = torch.tensor([len(t) for t in tokens])                            # (U,)
-    logits = first_logits                                                       # (U, V) token 0
-    if int(lengths.max()) > 1:
-        fed = [t[:-1] for t in tokens]
-        later = _run_on_prompts(model, cache, range(len(tokens)), fed, pad_id, every_token=True)
-        logits = torch.cat([first_logits, later.to(first_logits.device)])       # (N, V)
-    # The row predicting token j of example r: r for j = 0, else U + (r's offset in later) + j - 1.
-    offset = len(tokens) + torch.cumsum(lengths - 1, 0) - (lengths - 1)         # (U,)
-    order = torch.cat([torch.tensor([r] + [int(offset[r]) + j - 1 for j in range(1, len(t))])
-                       for r, t in enumerate(tokens)])                          # (N,)
-    logits = logits[order.to(logits.device)]                                    # (N, V)
-    labels = torch.tensor([token for t in tokens for token in t])               # (N,)
+    logits, labels, lengths = teacher_forced_logits(model, cache, first_logits,
+                                                    range(len(targets)), targets, trie, pad_id)
     row, token = trie.valid_next(torch.cat([trie.item_path(target) for target in targets]))  # (M,)
     ranks = _label_ranks(logits, labels, row, token)                            # (N,)
     valid = torch.bincount(row, minlength=len(labels))                          # (N,) |V_t|
@@ -259,6 +248,28 @@ def _teacher_force(model, cache, first_logits, targets, trie, pad_id, mask_befor
     label_log_p = at_labels(log_p, row, token, labels)                          # (N,)
     per_example = zip(*(x.split(lengths.tolist()) for x in (ranks, valid, label_log_p)))
     return [tuple(x.tolist() for x in example) for example in per_example]
+
+
+def teacher_forced_logits(model, cache, first_logits, users, targets, trie, pad_id):
+    """The logits (N, V) fp32 predicting every token of every target item, target i read on the
+    cached prefill of prompt users[i] (first_logits (U, V): the prefill's last position), target
+    after target in order; their labels (N,) and each target's token count (len(targets),). With
+    gradient where the model has one: S-DPO trains through it, the prompt run once for its titles."""
+    tokens = [list(trie.item_tokens[target]) for target in targets]
+    users = torch.as_tensor(list(users), dtype=torch.long)                      # (R,)
+    lengths = torch.tensor([len(t) for t in tokens])                            # (R,)
+    logits = first_logits                                                       # (U, V) token 0
+    if int(lengths.max()) > 1:
+        fed = [t[:-1] for t in tokens]
+        later = _run_on_prompts(model, cache, users, fed, pad_id, every_token=True)
+        logits = torch.cat([first_logits, later.to(first_logits.device)])       # (U + N - R, V)
+    # Token 0 of target i is predicted at row users[i]; token j > 0 at U + (i's offset) + j - 1.
+    offset = len(first_logits) + torch.cumsum(lengths - 1, 0) - (lengths - 1)   # (R,)
+    order = torch.cat([torch.tensor([int(users[i])] + [int(offset[i]) + j - 1
+                                                       for j in range(1, len(t))])
+                       for i, t in enumerate(tokens)])                          # (N,)
+    labels = torch.tensor([token for t in tokens for token in t])               # (N,)
+    return logits[order.to(logits.device)], labels, lengths
 
 
 # ------------------------------------------------------------------------------------ exact top-K
@@ -281,7 +292,7 @@ def exact_topk(model, prompts, trie, k, eos_id, pad_id, config=BeamConfig(), exp
 
 
 def _exact_topk_batch(model, prompts, trie, k, eos_id, pad_id, mask_before_softmax, expand_width):
-    prompt_cache, logits = _prefill(model, prompts, pad_id)
+    prompt_cache, logits = prefill(model, prompts, pad_id)
     num_users = len(prompts)
     frontier = [[] for _ in prompts]  # max-heaps by log P of (-log P, serial, node, prefix tokens)
     found = [[] for _ in prompts]     # min-heaps of the k best finished (log P, serial, leaf node)
@@ -430,7 +441,7 @@ def _label_ranks(logits, labels, row, token):
     return torch.zeros(len(labels), dtype=torch.long).index_add_(0, row, above)
 
 
-def _prefill(model, prompts, pad_id):
+def prefill(model, prompts, pad_id):
     """Run the prompts once, left-padded so every prompt ends in the last column; returns (cache
     with one row per prompt, fp32 next-token logits (U, V))."""
     if any(len(p) == 0 for p in prompts):
@@ -454,7 +465,7 @@ def _run_on_prompts(model, prompt_cache, users, sequences, pad_id, every_token):
         input_ids[r, :len(sequence)] = torch.tensor(sequence)
     fed = torch.arange(depth)[None, :] < lengths[:, None]                       # (R, D) bool
     read_at = fed if every_token else torch.arange(depth)[None, :] == (lengths - 1)[:, None]
-    cache = prompt_cache.select(torch.tensor(list(users)))                      # shares the prompts
+    cache = prompt_cache.select(torch.as_tensor(list(users)))                   # shares the prompts
     attention_mask = torch.cat([cache.cached_mask().cpu(), fed.long()], dim=1)  # (R, P + D)
     return model(input_ids, attention_mask=attention_mask, cache=cache, logits_at=read_at).float()
 

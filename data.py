@@ -443,6 +443,31 @@ def encode_examples(examples: Sequence[Example], dataset: Dataset, tokenizer,
     return encoded
 
 
+def sample_negatives(examples: Sequence[Example], titles: dict[int, str], count: int,
+                     seed: int) -> torch.Tensor:
+    """S-DPO's negatives, (len(examples), count) item ids: for each window, `count` distinct titles
+    drawn uniformly from those neither in its history nor its target (a title shared by several ids
+    is one item, named by its smallest id), by a generator seeded with (seed, the window's index):
+    drawn once, the same in a resumed run and on every process."""
+    smallest_id = {}
+    for item, title in sorted(titles.items()):
+        smallest_id.setdefault(title, item)
+    candidates = sorted(smallest_id)
+    negatives = []
+    for index, e in enumerate(examples):
+        excluded = {titles[item] for item in (*e.history, e.target)}
+        if len(candidates) - len(excluded) < count:
+            raise ValueError(f"{count} negatives wanted, but window {index} leaves only "
+                             f"{len(candidates) - len(excluded)} other titles")
+        rng, chosen = np.random.default_rng([seed, index]), []
+        while len(chosen) < count:  # rejection: uniform over the titles left, without replacement
+            title = candidates[int(rng.integers(len(candidates)))]
+            if title not in excluded and title not in chosen:
+                chosen.append(title)
+        negatives.append([smallest_id[title] for title in chosen])
+    return torch.tensor(negatives, dtype=torch.long).view(len(examples), count)
+
+
 def tokenization_mismatches(examples: Sequence[Example], dataset: Dataset,
                             tokenizer) -> list[Example]:
     """Examples where encode(prompt + target) != encode(prompt) + encode(target): there the split

@@ -1,7 +1,9 @@
-"""Training losses of the BEAR paper: SFT (eq. 2.1), MSL, BEAR (eq. 3.4/3.5) and objective 3.1.
+"""Training losses of the BEAR paper: SFT (eq. 2.1), MSL, BEAR (eq. 3.4/3.5), objective 3.1, and
+S-DPO with and without BEAR's regularisers (Figure 7).
 
-Each loss takes the logits at the label positions and returns a per-position loss in fp32; the
-training loop sums it and divides by the global number of label tokens. The oracle is
+Each loss takes the logits at the label positions and returns a per-position loss in fp32 (S-DPO: a
+per-prompt loss); the training loop sums it and divides by the global number of label tokens
+(S-DPO: of prompts). The oracle is
 `reference_losses` in tests/test_loss.py: a Python loop over positions, Python sorting for beta_t,
 autograd for the gradients.
 
@@ -122,6 +124,44 @@ def obj31(logits, labels, valid_row, valid_token, thresholds, label_example, bea
         return base_loss
     prefix_log_prob = _running_sum_per_example(-base_loss, label_example)         # log P(y_<=t)
     return base_loss + lam * F.logsigmoid((thresholds.detach().float() - prefix_log_prob) / xi)
+
+
+def sdpo(logits, labels, title_of, reference_log_probs, dpo_beta=1.0):
+    """S-DPO (NeurIPS'24; official `dpo_loss`), per prompt: softplus(logsumexp_j beta (r_j - r_0)) =
+    -log sigmoid(-log sum_j exp(beta (r_j - r_0))), r_j = log pi(y_j | x) - log pi_ref(y_j | x)
+    summed over title j's tokens, EOS included, under the full-vocabulary softmax.
+
+    reference_log_probs (U, K): log pi_ref of each prompt's K = 1 + n titles, the positive first.
+    title_of (N,): the title each label position belongs to, as the row-major index u * K + j.
+    Returns (U,) fp32; one negative gives DPO's -log sigmoid(beta (r_0 - r_1))."""
+    _check_inputs(logits, labels)
+    policy = title_log_probs(-sft(logits, labels), title_of, reference_log_probs.shape)  # (U, K)
+    reward = policy - reference_log_probs.detach().float()                        # (U, K) r_j
+    return F.softplus(torch.logsumexp(dpo_beta * (reward[:, 1:] - reward[:, :1]), dim=1))
+
+
+def sdpo_bear(logits, labels, valid_row, valid_token, title_of, reference_log_probs, dpo_beta=1.0,
+              beam_width=10, lam=0.6875, xi=2.75, base="sft"):
+    """S-DPO with BEAR's regularisers (the paper's Figure 7), per prompt: S-DPO + lam * sum_t of eq.
+    3.4's log sigmoid(Delta_t^B / xi) over the positive's tokens (into the top-B, as `bear`) - lam
+    * the same sum over every negative's tokens (below the top-B: the beam search prunes them).
+    p_t and beta_t under the full-vocabulary softmax (base="sft", S-DPO's own) or the masked one
+    over V_t (base="msl"). Shapes as `sdpo` and `bear`; returns (U,) fp32."""
+    _check_inputs(logits, labels, valid_token)
+    _check_hyper(beam_width, 1.0, base)
+    _, margin = _base_loss_and_margin(logits, labels, valid_row, valid_token, beam_width, 1.0, base)
+    num_titles = reference_log_probs.shape[1]
+    sign = torch.where(title_of % num_titles == 0, 1.0, -1.0)                     # (N,) +pos, -neg
+    per_token = sign * F.logsigmoid(margin / xi)                                  # (N,) eq. 3.4
+    prompt = title_of // num_titles                                               # (N,)
+    regulariser = per_token.new_zeros(len(reference_log_probs)).index_add(0, prompt, per_token)
+    return sdpo(logits, labels, title_of, reference_log_probs, dpo_beta) + lam * regulariser
+
+
+def title_log_probs(token_log_probs, title_of, shape):
+    """Each title's log-probability (its tokens' log p summed), `shape` (U, K) from (N,) values."""
+    sums = token_log_probs.new_zeros(shape[0] * shape[1]).index_add(0, title_of, token_log_probs)
+    return sums.view(shape)
 
 
 # ----------------------------------------------------------------- BEAR's pruning margin (eq. 3.3)

@@ -32,18 +32,21 @@ import torch
 import amazon
 import data
 import loss as losses
-from beam import BeamConfig, prefix_thresholds
+from beam import BeamConfig, prefill, prefix_thresholds, teacher_forced_logits
 from cli import (MANIFEST_FILE, Distributed, Memory, Progress, build_parser, cli_main,
-                 format_seconds, init_distributed, option, read_json, read_manifest, resolve_model,
-                 shard_bounds, write_json_atomic)
+                 format_seconds, init_distributed, option, read_json, read_manifest,
+                 resolve_checkpoint, resolve_model, shard_bounds, write_atomically,
+                 write_json_atomic)
 from eval import evaluate
-from lora import LoraConfig, apply_lora, load_adapter, save_adapter
+from lora import LoraConfig, apply_lora, load_adapter, lora_layers, save_adapter
 from model import DEFAULT_MODEL, DTYPES, load_model, weights_sha256
 from tokenizer import load_tokenizer
 
-LOSSES = ("sft", "msl", "bear", "obj31")
+LOSSES = ("sft", "msl", "bear", "obj31", "sdpo", "sdpo-bear")
+PREFERENCE_LOSSES = ("sdpo", "sdpo-bear")  # per prompt: a positive and n sampled negative titles
 CONFIG_FILE = "train_config.json"  # the run's TrainConfig, in --out and in every checkpoint
 STATE_FILE = "trainer_state.pt"  # AdamW moments, step, best metric, log length
+REFERENCE_FILE = "sdpo_reference.pt"  # S-DPO: the negatives and their reference log-probabilities
 LOG_FILE = "log.jsonl"
 GB = 1e9  # memory in the log, the messages and --max-memory
 
@@ -82,6 +85,14 @@ class TrainConfig:
                             "authors (BEAR only): their per-micro-batch sum(w_t CE_t) / sum(w_t)",
                             choices=("tokens", "authors"))
     base: str = option("msl", "base loss of BEAR / Obj 3.1", choices=("msl", "sft"))
+    init_adapter: str = option("", "start from this adapter (a run or checkpoint folder); S-DPO: "
+                               "the SFT adapter, also its frozen reference model")
+    dpo_beta: float = option(1.0, "S-DPO's beta (official default 1)")
+    negatives: int = option(3, "S-DPO's sampled negative titles per window (official default 3)")
+    negative_seed: int = option(42, "seed of S-DPO's negatives, drawn once per window")
+    reg_softmax: str = option("full", "sdpo-bear: the softmax of the regulariser's p_t and beta_t: "
+                              "full (the vocabulary, as S-DPO's) or masked (over V_t, as MSL's)",
+                              choices=("full", "masked"))
     train_samples: int = option(10000, "windows sampled from train with --seed (0 = all)")
     seed: int = option(42, "data sample, data order, LoRA init and dropout")
     dtype: str = option("bf16", "base model dtype (LoRA, AdamW: fp32)", choices=("bf16", "fp32"))
@@ -97,9 +108,13 @@ class TrainConfig:
 
 # ------------------------------------------------------ One micro-batch's per-position losses (§3)
 def label_position_losses(model, batch: dict, micro: list, trie, config: TrainConfig, tokenizer,
-                          weight_sums: list | None = None) -> torch.Tensor:
-    """Per-label-position losses (N,) fp32 of the micro-batch `micro` (data.EncodedExample). BEAR's
-    weights summed over positions with > 1 valid token go to `weight_sums` (--normalize authors)."""
+                          weight_sums: list | None = None, preference=None) -> torch.Tensor:
+    """Per-label-position losses (N,) fp32 of the micro-batch `micro` (data.EncodedExample); S-DPO:
+    per-prompt losses (U,), `preference` = its (negatives (U, n), reference log-probs (U, 1 + n)).
+    BEAR's weights summed over positions with > 1 valid token go to `weight_sums` (--normalize
+    authors)."""
+    if config.loss in PREFERENCE_LOSSES:
+        return preference_losses(model, micro, *preference, trie, config, tokenizer.pad_id)
     logits = model(batch["input_ids"], logits_at=batch["label_mask"])  # (N, V); upcast in the loss
     labels = batch["labels"]  # (N,)
     if config.loss == "sft":
@@ -132,6 +147,69 @@ def label_position_losses(model, batch: dict, micro: list, trie, config: TrainCo
                         lam=config.lam, xi=config.xi, tau=config.tau, base=config.base)
 
 
+# --------------------------------- S-DPO: a positive and n negative titles per prompt (SPEC §3)
+def preference_losses(model, micro: list, negatives: torch.Tensor, reference: torch.Tensor, trie,
+                      config: TrainConfig, pad_id: int) -> torch.Tensor:
+    """S-DPO's (or S-DPO + BEAR's) loss of each prompt of `micro`, (U,) fp32."""
+    logits, labels, title_of = title_logits(model, micro, negatives, trie, pad_id)  # (N, V), (N,)
+    reference = reference.to(logits.device)                                           # (U, 1 + n)
+    if config.loss == "sdpo":
+        return losses.sdpo(logits, labels, title_of, reference, config.dpo_beta)
+    valid_row, valid_token = trie.valid_next(torch.cat([  # (M,): the label positions' V_t
+        trie.item_path(item) for item in title_items(micro, negatives).reshape(-1).tolist()]))
+    return losses.sdpo_bear(logits, labels, valid_row.to(logits.device),
+                            valid_token.to(logits.device), title_of, reference, config.dpo_beta,
+                            beam_width=config.beam_width, lam=config.lam, xi=config.xi,
+                            base="sft" if config.reg_softmax == "full" else "msl")
+
+
+def title_items(micro: list, negatives: torch.Tensor) -> torch.Tensor:
+    """(U, 1 + n) item ids: each window's target, then its negatives."""
+    return torch.cat([torch.tensor([[e.target] for e in micro]), negatives], dim=1)
+
+
+def title_logits(model, micro: list, negatives: torch.Tensor, trie, pad_id: int):
+    """The logits (N, V) predicting every token of each window's 1 + n titles, their labels (N,),
+    and each position's title (N,) as u * (1 + n) + j. Each prompt runs once; its titles run on its
+    cached keys and values (beam.py's shared-prompt attention), not as 1 + n full sequences."""
+    items = title_items(micro, negatives)                                             # (U, K)
+    prompts = [e.input_ids[:e.prompt_length].tolist() for e in micro]
+    cache, first_logits = prefill(model, prompts, pad_id)                             # (U, V)
+    users = torch.arange(len(micro)).repeat_interleave(items.shape[1])                # (U K,)
+    logits, labels, lengths = teacher_forced_logits(model, cache, first_logits, users,
+                                                    items.reshape(-1).tolist(), trie, pad_id)
+    title_of = torch.repeat_interleave(torch.arange(len(lengths)), lengths)           # (N,)
+    return logits, labels.to(logits.device), title_of.to(logits.device)
+
+
+@torch.no_grad()
+def reference_log_probs(model, windows: list, negatives: torch.Tensor, trie, config: TrainConfig,
+                        pad_id: int, dist: Distributed) -> torch.Tensor:
+    """log pi_ref of every window's 1 + n titles, (W, 1 + n) float64, under the starting adapter
+    with dropout off: the frozen SFT reference. It never changes, so it is computed once here and a
+    step runs the policy alone (the official trainer runs the reference model at every step). The
+    windows go in fixed chunks, chunk c on rank c mod world: the same numbers for any world size."""
+    model.eval()
+    size, count = config.eval_batch, len(windows)
+    chunks = list(range(0, count, size))[dist.rank::dist.world]
+    progress = Progress("S-DPO reference log-probabilities (rank 0's chunks)" if dist.world > 1
+                        else "S-DPO reference log-probabilities", len(chunks) * size,
+                        rank=dist.rank)
+    parts = []
+    for done, start in enumerate(chunks):
+        micro, chunk_negatives = windows[start:start + size], negatives[start:start + size]
+        logits, labels, title_of = title_logits(model, micro, chunk_negatives, trie, pad_id)
+        shape = (len(micro), negatives.shape[1] + 1)
+        log_probs = losses.title_log_probs(-losses.sft(logits, labels), title_of, shape)
+        parts.append((start, log_probs.double().cpu()))
+        progress((done + 1) * size)
+    table = torch.empty(count, negatives.shape[1] + 1, dtype=torch.float64)
+    for start, part in dist.gather(parts):
+        table[start:start + len(part)] = part
+    model.train()
+    return table
+
+
 # ------------------------------------ The run: set up once, then steps, validation and checkpoints
 @dataclasses.dataclass
 class Run:
@@ -150,6 +228,7 @@ class Run:
     total_steps: int
     state: dict                  # step, best metric and step, validation records, log length
     manifest: dict               # checkpoint.json: the last and the best complete checkpoints
+    preference: tuple | None     # S-DPO: negatives (W, n), reference log-probs (W, 1 + n) float64
 
 
 def train(config: TrainConfig, given: set[str], dist: Distributed) -> dict:
@@ -193,10 +272,14 @@ def train_step(run: Run) -> dict:
     epoch, step_in_epoch = divmod(step, run.steps_per_epoch)
     order = epoch_order(len(run.train_examples), config.seed, epoch)
     start = step_in_epoch * config.global_batch
-    global_batch = [run.train_examples[i] for i in order[start:start + config.global_batch]]
+    batch_ids = order[start:start + config.global_batch]
+    global_batch = [run.train_examples[i] for i in batch_ids]
     global_label_tokens = sum(len(e.target_nodes) for e in global_batch)  # known to every rank
+    # The mean is over label tokens, or over prompts for S-DPO's per-prompt loss.
+    global_count = len(global_batch) if run.preference else global_label_tokens
     shards = [shard_bounds(len(global_batch), r, dist.world) for r in range(dist.world)]
-    my_batch = global_batch[slice(*shards[dist.rank])]  # ranks differ by one window at most
+    my_ids = batch_ids[slice(*shards[dist.rank])]  # ranks differ by one window at most
+    my_batch = [run.train_examples[i] for i in my_ids]
     # --normalize authors: each micro-batch's weighted mean, averaged over all ranks' micro-batches.
     global_micro_batches = sum(math.ceil((b - a) / config.micro_batch) for a, b in shards)
     step_start, memory = time.time(), Memory(dist.device)  # its peak from here
@@ -206,15 +289,17 @@ def train_step(run: Run) -> dict:
     progress = Progress(f"step {step + 1}/{run.total_steps}{which}", len(my_batch), rank=dist.rank)
     for first in range(0, len(my_batch), config.micro_batch):
         micro = my_batch[first:first + config.micro_batch]
+        ids = my_ids[first:first + config.micro_batch]
         batch = collate(micro, run.tokenizer.pad_id, dist.device)
         weight_sums = [] if config.normalize == "authors" else None
+        preference = run.preference and tuple(table[ids] for table in run.preference)
         per_position = label_position_losses(run.model, batch, micro, run.trie, config,
-                                             run.tokenizer, weight_sums)  # (N,)
+                                             run.tokenizer, weight_sums, preference)  # (N,)
         # Divide by the GLOBAL label count: summed over micro-batches and ranks, the batch mean.
-        divisor = global_label_tokens if weight_sums is None else \
+        divisor = global_count if weight_sums is None else \
             (weight_sums[0] + 1e-8) * global_micro_batches  # the authors' 1e-8
         (per_position.sum() / divisor).backward()
-        loss_sum += per_position.detach().sum().double() * (global_label_tokens / divisor)
+        loss_sum += per_position.detach().sum().double() * (global_count / divisor)
         progress(first + len(micro))
 
     # Sum the gradients (and the loss) over ranks: one all-reduce of the flat LoRA gradients.
@@ -222,7 +307,7 @@ def train_step(run: Run) -> dict:
                       for p in run.params])
     flat = torch.cat([flat.double(), loss_sum.reshape(1)])
     dist.all_reduce_sum(flat)
-    batch_loss = float(flat[-1]) / global_label_tokens
+    batch_loss = float(flat[-1]) / global_count
     for param, grad in zip(run.params, flat[:-1].split([p.numel() for p in run.params])):
         param.grad = grad.view_as(param).to(param.dtype)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, config.max_grad_norm or math.inf))
@@ -294,9 +379,19 @@ def start_run(config: TrainConfig, given: set[str], dist: Distributed) -> Run:
     if dist.world > len(windows):
         raise ValueError(f"{dist.world} processes but only {len(windows)} training windows: "
                          f"use at most {len(windows)} processes (or a larger --limit)")
+    negatives = None
+    if config.loss in PREFERENCE_LOSSES:  # drawn once, from the seed: the same on every rank
+        negatives = data.sample_negatives(dataset.train[:config.limit or None], dataset.titles,
+                                          config.negatives, config.negative_seed)
     model = load_model(source.folder, dtype=DTYPES[config.dtype], device=dist.device)
     torch.manual_seed(config.seed)  # the same LoRA init on every rank
-    apply_lora(model, lora_config(config))
+    if config.init_adapter:  # its rank, alpha and targets; the dropout is --lora-dropout's
+        config = adopt_adapter_shape(config, given, load_adapter(model, config.init_adapter))
+        for layer in lora_layers(model).values():
+            layer.dropout = torch.nn.Dropout(config.lora_dropout) if config.lora_dropout else \
+                torch.nn.Identity()
+    else:
+        apply_lora(model, lora_config(config))
     params = [p for _, p in sorted(model.named_parameters()) if p.requires_grad]  # LoRA A, B (fp32)
     for param in params:  # rank 0's init everywhere (insurance against a rank-dependent RNG)
         dist.broadcast(param.data)
@@ -304,7 +399,8 @@ def start_run(config: TrainConfig, given: set[str], dist: Distributed) -> Run:
     if micro_batch == "auto" and "micro_batch_chosen" in saved:  # resumed: same split, same sums
         micro_batch, reason = saved["micro_batch_chosen"], saved["micro_batch_reason"]
     elif micro_batch == "auto":
-        micro_batch, reason = choose_micro_batch(model, windows, trie, config, tokenizer, dist)
+        micro_batch, reason = choose_micro_batch(model, windows, trie, config, tokenizer, dist,
+                                                 negatives)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)  # betas, eps: defaults
     steps_per_epoch = math.ceil(len(windows) / config.global_batch)  # the last may be short
     total_steps = min(steps_per_epoch * config.epochs, config.max_steps or math.inf)
@@ -318,6 +414,14 @@ def start_run(config: TrainConfig, given: set[str], dist: Distributed) -> Run:
         dist.print(f"micro-batch: auto -> {micro_batch} ({reason})")
     config = dataclasses.replace(config, micro_batch=micro_batch)  # "auto" stays in the record
     manifest = (read_manifest(out) if config.resume else None) or {}
+    preference = None
+    if negatives is not None and manifest:  # resumed: the reference computed when the run began
+        preference = negatives, torch.load(out / REFERENCE_FILE, weights_only=True)["reference"]
+    elif negatives is not None:  # before a resumed adapter replaces the starting one
+        started = time.time()
+        preference = negatives, reference_log_probs(model, windows, negatives, trie, config,
+                                                    tokenizer.pad_id, dist)
+        record["reference_log_probs_s"] = round(time.time() - started, 1)
     state = {"step": 0, "best_metric": None, "best_step": None, "epochs": [], "log_bytes": 0}
     if manifest:
         checkpoint = out / manifest["last"]
@@ -332,21 +436,34 @@ def start_run(config: TrainConfig, given: set[str], dist: Distributed) -> Run:
         dist.print(f"resuming {out} from step {state['step']} ({checkpoint.name})")
     if dist.rank == 0:
         if config.overwrite:  # only what we write (step-* below), never other files in --out
-            for name in (MANIFEST_FILE, CONFIG_FILE, LOG_FILE, "metrics.json"):
+            for name in (MANIFEST_FILE, CONFIG_FILE, LOG_FILE, REFERENCE_FILE, "metrics.json"):
                 (out / name).unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / CONFIG_FILE, record)
+        if preference and not manifest:
+            write_atomically(out / REFERENCE_FILE, lambda path: torch.save(
+                {"negatives": preference[0], "reference": preference[1]}, path))
         if (out / LOG_FILE).exists():  # drop what a killed run logged after its last checkpoint
             os.truncate(out / LOG_FILE, state["log_bytes"])
         delete_unreferenced_checkpoints(out, manifest)
     dist.barrier()  # --out is ready before any rank trains
     return Run(config, dist, record, tokenizer, dataset, trie, windows, model, params,
-               optimizer, steps_per_epoch, total_steps, state, manifest)
+               optimizer, steps_per_epoch, total_steps, state, manifest, preference)
+
+
+def adopt_adapter_shape(config: TrainConfig, given: set[str], lora: LoraConfig) -> TrainConfig:
+    """The run's LoRA shape flags set to --init-adapter's; a flag typed otherwise is refused."""
+    shape = dict(lora_r=lora.r, lora_alpha=lora.alpha, lora_targets=",".join(lora.target_modules))
+    for name in given & set(shape):
+        if lora_config(dataclasses.replace(config, **{name: shape[name]})) != lora_config(config):
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(config, name)} differs from "
+                             f"--init-adapter's {shape[name]} ({config.init_adapter})")
+    return dataclasses.replace(config, **shape)
 
 
 # -------------------------------------- --micro-batch auto: the most windows that fit, chosen once
 def choose_micro_batch(model, windows: list, trie, config: TrainConfig, tokenizer,
-                       dist: Distributed) -> tuple[int, str]:
+                       dist: Distributed, negatives: torch.Tensor | None) -> tuple[int, str]:
     """The largest micro-batch, up to 8 and a rank's share of the global batch, whose forward and
     backward on the longest windows fit in memory (a trial on one window prices a window, a trial
     at the pick checks it, halved until it fits), the same on every rank; and why."""
@@ -354,13 +471,17 @@ def choose_micro_batch(model, windows: list, trie, config: TrainConfig, tokenize
     dist.barrier()  # every rank's model is loaded: the memory left is what they share
     baseline, free = memory.resident(), memory.available(processes)
     share = min(baseline + free, config.max_memory * GB or math.inf)  # this process's, in bytes
-    longest = sorted(windows, key=lambda e: len(e.input_ids), reverse=True)
+    longest = sorted(range(len(windows)), key=lambda i: len(windows[i].input_ids), reverse=True)
     model.train()
 
     def growth(count: int) -> int:  # the peak memory of a forward + backward over the baseline
         memory.reset()
-        batch = collate(longest[:count], tokenizer.pad_id, dist.device)
-        per_position = label_position_losses(model, batch, longest[:count], trie, config, tokenizer)
+        micro, ids = [windows[i] for i in longest[:count]], longest[:count]
+        batch = collate(micro, tokenizer.pad_id, dist.device)
+        preference = negatives is not None and (negatives[ids], torch.zeros(count, 1 + len(
+            negatives[0]), dtype=torch.float64))  # the reference's value costs no memory
+        per_position = label_position_losses(model, batch, micro, trie, config, tokenizer,
+                                             preference=preference)
         per_position.sum().backward()
         model.zero_grad(set_to_none=True)  # and no optimizer step; dropout is re-seeded every step
         return memory.peak() - baseline
@@ -495,6 +616,11 @@ def parse_config(argv) -> tuple[TrainConfig, set[str]]:
     if config.model and Path(config.model).expanduser().is_dir():
         config.model = str(Path(config.model).expanduser().resolve())
     config.data_dir = str(data.resolve_data_root(config.data_dir).resolve())
+    if config.init_adapter:  # a run folder: its best checkpoint
+        folder = Path(config.init_adapter).expanduser()
+        if (folder / MANIFEST_FILE).exists():
+            folder = resolve_checkpoint(folder)
+        config.init_adapter = str(folder.resolve())
     if config.dataset.lower() not in data.DATASETS and Path(config.dataset).expanduser().is_dir():
         config.dataset = str(Path(config.dataset).expanduser().resolve())  # a folder of your own
     return config, given
@@ -509,12 +635,13 @@ def check_config(config: TrainConfig) -> None:
     if not config.model:
         raise ValueError("--model must name a Hugging Face Llama folder or a hub id")
     for wanted, bad, names in [
-            (">= 1", lambda v: v < 1, "epochs global_batch micro_batch beam_width eval_batch"),
+            (">= 1", lambda v: v < 1, "epochs global_batch micro_batch beam_width eval_batch "
+                                      "negatives"),
             (">= 0", lambda v: v < 0, "warmup_steps save_every max_steps limit valid_limit "
                                       "max_grad_norm train_samples max_memory"),
             ("a finite number", lambda v: not math.isfinite(v),  # "nan" and "inf" parse as floats
-             "lr xi tau lam max_grad_norm lora_dropout max_memory"),
-            ("> 0", lambda v: not v > 0, "lr xi tau")]:
+             "lr xi tau lam max_grad_norm lora_dropout max_memory dpo_beta"),
+            ("> 0", lambda v: not v > 0, "lr xi tau dpo_beta")]:
         for name in names.split():
             if (value := getattr(config, name)) != "auto" and bad(value):
                 raise ValueError(f"--{name.replace('_', '-')} must be {wanted}, got {value}")
@@ -525,6 +652,18 @@ def check_config(config: TrainConfig) -> None:
     if config.loss != "bear" and (config.surrogate != "paper" or config.normalize != "tokens"):
         raise ValueError(f"--surrogate and --normalize apply only to --loss bear, got --loss "
                          f"{config.loss}")
+    if config.init_adapter and not (Path(config.init_adapter) / "adapter_config.json").is_file():
+        raise ValueError(f"--init-adapter {config.init_adapter}: no adapter_config.json there (give "
+                         f"a train.py run or checkpoint folder, or a PEFT LoRA adapter)")
+    preference = config.loss in PREFERENCE_LOSSES
+    if preference and not config.init_adapter:
+        raise ValueError(f"--loss {config.loss} starts from an SFT adapter, which is also its frozen "
+                         f"reference: give --init-adapter (a train.py --loss sft run)")
+    if not preference and (config.dpo_beta, config.negatives, config.negative_seed) != (1.0, 3, 42):
+        raise ValueError(f"--dpo-beta, --negatives and --negative-seed apply only to --loss sdpo and "
+                         f"sdpo-bear, got --loss {config.loss}")
+    if config.reg_softmax != "full" and config.loss != "sdpo-bear":
+        raise ValueError(f"--reg-softmax applies only to --loss sdpo-bear, got --loss {config.loss}")
     if config.normalize == "authors" and config.micro_batch == "auto":
         raise ValueError("--normalize authors divides by each micro-batch's weights, so the "
                          "micro-batch is part of the loss: give it, e.g. --micro-batch 8")

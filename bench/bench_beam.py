@@ -32,7 +32,7 @@ from tokenizer import load_tokenizer  # noqa: E402
 def exhaustive_scores(model, prompt, trie, pad_id, chunk, max_chunks):
     """Total masked log-prob of every distinct title, teacher-forced in chunks on the prompt cache.
     Returns (scores of the chunks done, number of chunks done, number of chunks in all)."""
-    cache, logits = beam._prefill(model, [prompt], pad_id)
+    cache, logits = beam.prefill(model, [prompt], pad_id)
     titles = sorted(set(trie.item_tokens.values()))
     chunks = [titles[i:i + chunk] for i in range(0, len(titles), chunk)]
     scores = {}
