@@ -250,11 +250,24 @@ def _teacher_force(model, cache, first_logits, targets, trie, pad_id, mask_befor
     return [tuple(x.tolist() for x in example) for example in per_example]
 
 
+def title_logits(model, prompts, items, trie, pad_id):
+    """The logits (N, V) predicting every token of each prompt's titles, items (U, K) the item ids
+    of prompt u's K titles; their labels (N,) and each position's title (N,), u * K + j. Each prompt
+    runs once and its K titles on its cached keys and values, not as K full sequences; with gradient
+    where the model has one (S-DPO trains through it)."""
+    cache, first_logits = prefill(model, prompts, pad_id)                        # (U, V)
+    users = torch.arange(len(prompts)).repeat_interleave(items.shape[1])        # (U K,)
+    logits, labels, lengths = teacher_forced_logits(model, cache, first_logits, users,
+                                                    items.reshape(-1).tolist(), trie, pad_id)
+    title_of = torch.repeat_interleave(torch.arange(len(lengths)), lengths)     # (N,)
+    return logits, labels.to(logits.device), title_of.to(logits.device)
+
+
 def teacher_forced_logits(model, cache, first_logits, users, targets, trie, pad_id):
     """The logits (N, V) fp32 predicting every token of every target item, target i read on the
     cached prefill of prompt users[i] (first_logits (U, V): the prefill's last position), target
     after target in order; their labels (N,) and each target's token count (len(targets),). With
-    gradient where the model has one: S-DPO trains through it, the prompt run once for its titles."""
+    gradient where the model has one."""
     tokens = [list(trie.item_tokens[target]) for target in targets]
     users = torch.as_tensor(list(users), dtype=torch.long)                      # (R,)
     lengths = torch.tensor([len(t) for t in tokens])                            # (R,)

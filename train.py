@@ -32,7 +32,7 @@ import torch
 import amazon
 import data
 import loss as losses
-from beam import BeamConfig, prefill, prefix_thresholds, teacher_forced_logits
+from beam import BeamConfig, prefix_thresholds, title_logits
 from cli import (MANIFEST_FILE, Distributed, Memory, Progress, build_parser, cli_main,
                  format_seconds, init_distributed, option, read_json, read_manifest,
                  resolve_checkpoint, resolve_model, shard_bounds, write_atomically,
@@ -133,11 +133,10 @@ def label_position_losses(model, batch: dict, micro: list, trie, config: TrainCo
         return losses.bear(logits, labels, valid_row, valid_token, **hyper)
     # Obj 3.1 (eq. 3.1): thresholds from a constrained beam search under the current parameters (no
     # grad, dropout off), scored as the base loss trains (masked at temperature tau, or full-vocab).
-    prompts = [e.input_ids[:e.prompt_length].tolist() for e in micro]
     model.eval()
     with torch.no_grad():
         search = BeamConfig(beam_width=config.beam_width, mask_before_softmax=config.base == "msl")
-        thresholds = prefix_thresholds(model, prompts, [e.target for e in micro], trie,
+        thresholds = prefix_thresholds(model, prompts_of(micro), [e.target for e in micro], trie,
                                        tokenizer.eos_id, tokenizer.pad_id, search, tau=config.tau)
     model.train()
     target_lengths = torch.tensor([len(e.target_nodes) for e in micro])
@@ -151,12 +150,13 @@ def label_position_losses(model, batch: dict, micro: list, trie, config: TrainCo
 def preference_losses(model, micro: list, negatives: torch.Tensor, reference: torch.Tensor, trie,
                       config: TrainConfig, pad_id: int) -> torch.Tensor:
     """S-DPO's (or S-DPO + BEAR's) loss of each prompt of `micro`, (U,) fp32."""
-    logits, labels, title_of = title_logits(model, micro, negatives, trie, pad_id)  # (N, V), (N,)
+    items = title_items(micro, negatives)                                             # (U, 1 + n)
+    logits, labels, title_of = title_logits(model, prompts_of(micro), items, trie, pad_id)  # (N, V)
     reference = reference.to(logits.device)                                           # (U, 1 + n)
     if config.loss == "sdpo":
         return losses.sdpo(logits, labels, title_of, reference, config.dpo_beta)
     valid_row, valid_token = trie.valid_next(torch.cat([  # (M,): the label positions' V_t
-        trie.item_path(item) for item in title_items(micro, negatives).reshape(-1).tolist()]))
+        trie.item_path(item) for item in items.reshape(-1).tolist()]))
     return losses.sdpo_bear(logits, labels, valid_row.to(logits.device),
                             valid_token.to(logits.device), title_of, reference, config.dpo_beta,
                             beam_width=config.beam_width, lam=config.lam, xi=config.xi,
@@ -164,22 +164,7 @@ def preference_losses(model, micro: list, negatives: torch.Tensor, reference: to
 
 
 def title_items(micro: list, negatives: torch.Tensor) -> torch.Tensor:
-    """(U, 1 + n) item ids: each window's target, then its negatives."""
-    return torch.cat([torch.tensor([[e.target] for e in micro]), negatives], dim=1)
-
-
-def title_logits(model, micro: list, negatives: torch.Tensor, trie, pad_id: int):
-    """The logits (N, V) predicting every token of each window's 1 + n titles, their labels (N,),
-    and each position's title (N,) as u * (1 + n) + j. Each prompt runs once; its titles run on its
-    cached keys and values (beam.py's shared-prompt attention), not as 1 + n full sequences."""
-    items = title_items(micro, negatives)                                             # (U, K)
-    prompts = [e.input_ids[:e.prompt_length].tolist() for e in micro]
-    cache, first_logits = prefill(model, prompts, pad_id)                             # (U, V)
-    users = torch.arange(len(micro)).repeat_interleave(items.shape[1])                # (U K,)
-    logits, labels, lengths = teacher_forced_logits(model, cache, first_logits, users,
-                                                    items.reshape(-1).tolist(), trie, pad_id)
-    title_of = torch.repeat_interleave(torch.arange(len(lengths)), lengths)           # (N,)
-    return logits, labels.to(logits.device), title_of.to(logits.device)
+    return torch.cat([torch.tensor([[e.target] for e in micro]), negatives], dim=1)  # target first
 
 
 @torch.no_grad()
@@ -192,15 +177,13 @@ def reference_log_probs(model, windows: list, negatives: torch.Tensor, trie, con
     model.eval()
     size, count = config.eval_batch, len(windows)
     chunks = list(range(0, count, size))[dist.rank::dist.world]
-    progress = Progress("S-DPO reference log-probabilities (rank 0's chunks)" if dist.world > 1
-                        else "S-DPO reference log-probabilities", len(chunks) * size,
-                        rank=dist.rank)
+    progress = Progress("S-DPO reference log-probs", len(chunks) * size, rank=dist.rank)
     parts = []
     for done, start in enumerate(chunks):
-        micro, chunk_negatives = windows[start:start + size], negatives[start:start + size]
-        logits, labels, title_of = title_logits(model, micro, chunk_negatives, trie, pad_id)
-        shape = (len(micro), negatives.shape[1] + 1)
-        log_probs = losses.title_log_probs(-losses.sft(logits, labels), title_of, shape)
+        micro = windows[start:start + size]
+        items = title_items(micro, negatives[start:start + size])                     # (u, 1 + n)
+        logits, labels, title_of = title_logits(model, prompts_of(micro), items, trie, pad_id)
+        log_probs = losses.title_log_probs(-losses.sft(logits, labels), title_of, items.shape)
         parts.append((start, log_probs.double().cpu()))
         progress((done + 1) * size)
     table = torch.empty(count, negatives.shape[1] + 1, dtype=torch.float64)
@@ -333,6 +316,10 @@ def collate(micro: list, pad_id: int, device: torch.device) -> dict:
     """data.collate_train's batch on `device`, the trie nodes left on the CPU."""
     return {k: v.to(device) if torch.is_tensor(v) and k != "label_nodes" else v
             for k, v in data.collate_train(micro, pad_id).items()}
+
+
+def prompts_of(micro: list) -> list[list[int]]:
+    return [e.input_ids[:e.prompt_length].tolist() for e in micro]
 
 
 class TrainingStopped(RuntimeError):

@@ -18,6 +18,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import beam  # noqa: E402
 import cli  # noqa: E402
 import data  # noqa: E402
 import eval as evaluation  # noqa: E402
@@ -232,7 +233,8 @@ def test_title_log_probs_equal_transformers_and_peft_on_smollm2(smollm2_dir, dat
     apply_lora(ours, config)
     randomize_adapters(ours, seed=4)
     with torch.no_grad():
-        logits, labels, title_of = train.title_logits(ours, windows, negatives, trie, tokenizer.pad_id)
+        items = train.title_items(windows, negatives)  # (2, 4): target first
+        logits, labels, title_of = beam.title_logits(ours, train.prompts_of(windows), items, trie, tokenizer.pad_id)
         actual = loss.title_log_probs(-loss.sft(logits, labels), title_of, (2, 4))
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
