@@ -7,13 +7,14 @@ import ast
 import gzip
 import json
 import os
+import shutil
 import urllib.error
 import urllib.request
 from collections import Counter, defaultdict
 from pathlib import Path
 
 from cli import write_atomically, write_text_atomic
-from data import (PROMPT_FILE, DataConfig, dataset_info, default_prompt, escape_quotes,
+from data import (DATASETS, PROMPT_FILE, DataConfig, dataset_info, default_prompt, escape_quotes,
                   resolve_data_root)
 
 # The authors' release: <url>/<Folder>/<file>. train_10000.csv is their training sample; there is
@@ -143,3 +144,24 @@ def download_dataset(config: DataConfig, base_url: str | None = None,
             raise ConnectionError(f"cannot download {url} ({reason}); offline? copy the authors' "
                                   f"files into {folder} by hand") from None
     return log
+
+
+def fetch_if_missing(dataset: str, data_dir: str, dist) -> None:
+    """A paper dataset missing from the data root: rank 0 fetches the authors' release, or says in
+    one line how to point at the data, leaving no folder; the others wait."""
+    info = DATASETS.get(dataset.lower())
+    folder = info and Path(data_dir) / info.folder
+    if dist.rank == 0 and folder and not folder.exists():
+        created = [path for path in (folder.parent, folder) if not path.exists()]
+        dist.print(f"{folder} is missing: fetching the authors' release "
+                   f"(python data.py --download)")
+        try:
+            dist.print("\n".join(download_dataset(DataConfig(dataset=dataset,  # a line per file
+                                                               data_dir=data_dir))))
+        except ConnectionError as err:
+            for path in reversed(created):
+                shutil.rmtree(path, ignore_errors=True)
+            raise ValueError(f"missing dataset folder {folder}, and fetching it failed ({err}); "
+                             f"point --data-dir or $BEAR_DATA at the folder that holds "
+                             f"{folder.name}/") from None
+    dist.barrier()

@@ -2,6 +2,7 @@
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import resource
@@ -101,6 +102,9 @@ def shard_bounds(count: int, rank: int, world: int) -> tuple[int, int]:
 
 
 # ----------------------------- Memory: what a process may take, and its peak (--micro-batch auto)
+GB = 1e9  # memory in logs, messages and --max-memory
+
+
 class Memory:
     """This process's memory in bytes (the current GPU's allocator, else the resident set):
     `resident()` now, `peak()` since creation or `reset()` (if the kernel cannot reset VmHWM, the
@@ -138,6 +142,39 @@ class Memory:
             used = int((limit.parent / "memory.current").read_text())
             free = min(free, int(limit.read_text()) - used)
         return free // processes
+
+
+def fit_in_memory(trial, cap: int, max_memory: float, dist: Distributed) -> tuple[int, str]:
+    """--micro-batch auto: the largest count up to `cap` whose trial(count) (a forward and backward
+    on the longest windows) fits in this process's memory, the same on every rank; and why. A trial
+    on one window prices a window; a trial at the pick checks it, halved until it fits."""
+    memory, processes = Memory(dist.device), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    dist.barrier()  # every rank's model is loaded: the memory left is what they share
+    baseline, free = memory.resident(), memory.available(processes)
+    share = min(baseline + free, max_memory * GB or math.inf)  # this process's, in bytes
+
+    def growth(count: int) -> int:  # the peak memory of a trial over the baseline
+        memory.reset()
+        trial(count)
+        return memory.peak() - baseline
+
+    cost = growth(1)
+    fit = int((share - baseline) / (1.2 * max(cost, 1)))  # windows that fit, with a 20% margin
+    count = min(dist.gather([min(cap, fit)]))  # the same on every rank
+    while count > 0 and not all(dist.gather([baseline + 1.2 * growth(count) <= share])):
+        count //= 2
+    capped = share < baseline + free
+    room = (f"--max-memory {max_memory:g} GB" if capped else
+            f"{free / GB:.1f} GB free on the GPU" if memory.gpu else
+            f"{free / GB:.2f} GB available per process ({processes} on this host)")
+    why = (f"a window adds ~{cost / GB:.2f} GB at its longest{' (coarse)' * (not memory.exact)} to "
+           f"{baseline / GB:.2f} GB loaded, {room}")
+    if count < 1:
+        fix = "a larger --max-memory" if capped else "fewer processes"
+        raise ValueError(f"not even one window per micro-batch fits in memory: a process needs "
+                         f"{(baseline + 1.2 * cost) / GB:.2f} GB with a 20% margin and has "
+                         f"{share / GB:.3g} GB ({why}); use {fix} or a smaller --model")
+    return count, f"{why}; cap {cap}"
 
 
 def _proc(name: str) -> dict[str, int]:

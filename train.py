@@ -33,10 +33,10 @@ import amazon
 import data
 import loss as losses
 from beam import BeamConfig, prefix_thresholds, title_logits
-from cli import (MANIFEST_FILE, Distributed, Memory, Progress, build_parser, cli_main,
-                 format_seconds, init_distributed, option, read_json, read_manifest,
-                 resolve_checkpoint, resolve_model, shard_bounds, write_atomically,
-                 write_json_atomic)
+from cli import (GB, MANIFEST_FILE, Distributed, Memory, Progress, build_parser, cli_main,
+                 fit_in_memory, format_seconds, init_distributed, option, read_json,
+                 read_manifest, resolve_checkpoint, resolve_model, shard_bounds,
+                 write_atomically, write_json_atomic)
 from eval import evaluate
 from lora import LoraConfig, apply_lora, load_adapter, lora_layers, save_adapter
 from model import DEFAULT_MODEL, DTYPES, load_model, weights_sha256
@@ -48,7 +48,6 @@ CONFIG_FILE = "train_config.json"  # the run's TrainConfig, in --out and in ever
 STATE_FILE = "trainer_state.pt"  # AdamW moments, step, best metric, log length
 REFERENCE_FILE = "sdpo_reference.pt"  # S-DPO: the negatives and their reference log-probabilities
 LOG_FILE = "log.jsonl"
-GB = 1e9  # memory in the log, the messages and --max-memory
 
 
 def auto_or_int(text: str) -> int | str:  # --micro-batch's type (argparse names it in errors)
@@ -355,7 +354,7 @@ def start_run(config: TrainConfig, given: set[str], dist: Distributed) -> Run:
     dist.print(f"model: {config.model}"
                + (f" (revision {source.revision}, {source.folder})" if source.hub_id else ""))
     tokenizer = load_tokenizer(source.folder)
-    fetch_on_first_use(config, dist)
+    amazon.fetch_if_missing(config.dataset, config.data_dir, dist)
     dataset = data.load_dataset(data.DataConfig(dataset=config.dataset, data_dir=config.data_dir,
                                                 train_samples=config.train_samples,
                                                 seed=config.seed))
@@ -452,44 +451,21 @@ def adopt_adapter_shape(config: TrainConfig, given: set[str], lora: LoraConfig) 
 def choose_micro_batch(model, windows: list, trie, config: TrainConfig, tokenizer,
                        dist: Distributed, negatives: torch.Tensor | None) -> tuple[int, str]:
     """The largest micro-batch, up to 8 and a rank's share of the global batch, whose forward and
-    backward on the longest windows fit in memory (a trial on one window prices a window, a trial
-    at the pick checks it, halved until it fits), the same on every rank; and why."""
-    memory, processes = Memory(dist.device), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    dist.barrier()  # every rank's model is loaded: the memory left is what they share
-    baseline, free = memory.resident(), memory.available(processes)
-    share = min(baseline + free, config.max_memory * GB or math.inf)  # this process's, in bytes
+    backward on the longest windows fit in memory (cli.fit_in_memory), the same on every rank."""
     longest = sorted(range(len(windows)), key=lambda i: len(windows[i].input_ids), reverse=True)
     model.train()
 
-    def growth(count: int) -> int:  # the peak memory of a forward + backward over the baseline
-        memory.reset()
+    def trial(count: int) -> None:  # a forward + backward on the `count` longest windows
         micro, ids = [windows[i] for i in longest[:count]], longest[:count]
         batch = collate(micro, tokenizer.pad_id, dist.device)
         preference = negatives is not None and (negatives[ids], torch.zeros(count, 1 + len(
             negatives[0]), dtype=torch.float64))  # the reference's value costs no memory
-        per_position = label_position_losses(model, batch, micro, trie, config, tokenizer,
-                                             preference=preference)
-        per_position.sum().backward()
+        label_position_losses(model, batch, micro, trie, config, tokenizer,
+                              preference=preference).sum().backward()
         model.zero_grad(set_to_none=True)  # and no optimizer step; dropout is re-seeded every step
-        return memory.peak() - baseline
 
-    cost, cap = growth(1), min(8, math.ceil(config.global_batch / dist.world))
-    fit = int((share - baseline) / (1.2 * max(cost, 1)))  # windows that fit, with a 20% margin
-    count = min(dist.gather([min(cap, fit)]))  # the same on every rank
-    while count > 0 and not all(dist.gather([baseline + 1.2 * growth(count) <= share])):
-        count //= 2
-    capped = share < baseline + free
-    room = (f"--max-memory {config.max_memory:g} GB" if capped else
-            f"{free / GB:.1f} GB free on the GPU" if memory.gpu else
-            f"{free / GB:.2f} GB available per process ({processes} on this host)")
-    why = (f"a window adds ~{cost / GB:.2f} GB at its longest{' (coarse)' * (not memory.exact)} to "
-           f"{baseline / GB:.2f} GB loaded, {room}")
-    if count < 1:
-        fix = "a larger --max-memory" if capped else "fewer processes"
-        raise ValueError(f"not even one window per micro-batch fits in memory: a process needs "
-                         f"{(baseline + 1.2 * cost) / GB:.2f} GB with a 20% margin and has "
-                         f"{share / GB:.3g} GB ({why}); use {fix} or a smaller --model")
-    return count, f"{why}; cap {cap}"
+    cap = min(8, math.ceil(config.global_batch / dist.world))
+    return fit_in_memory(trial, cap, config.max_memory, dist)
 
 
 # ------------------------- The data order and the learning rate: functions of (seed, epoch, step)
@@ -535,27 +511,6 @@ def prepare_out_dir(config: TrainConfig, given: set[str]) -> tuple[TrainConfig, 
         config = dataclasses.replace(saved, **{k: getattr(config, k) for k in RESUME_MAY_CHANGE})
     check_config(config)
     return config, recorded
-
-
-def fetch_on_first_use(config: TrainConfig, dist: Distributed) -> None:
-    """A paper dataset missing from the data root: rank 0 fetches the authors' release, or says in
-    one line how to point at the data, leaving no folder; the others wait."""
-    info = data.DATASETS.get(config.dataset.lower())
-    folder = info and Path(config.data_dir) / info.folder
-    if dist.rank == 0 and folder and not folder.exists():
-        created = [path for path in (folder.parent, folder) if not path.exists()]
-        dist.print(f"{folder} is missing: fetching the authors' release "
-                   f"(python data.py --download)")
-        try:
-            dist.print("\n".join(amazon.download_dataset(data.DataConfig(  # a line per file
-                dataset=config.dataset, data_dir=config.data_dir))))
-        except ConnectionError as err:
-            for path in reversed(created):
-                shutil.rmtree(path, ignore_errors=True)
-            raise ValueError(f"missing dataset folder {folder}, and fetching it failed ({err}); "
-                             f"point --data-dir or $BEAR_DATA at the folder that holds "
-                             f"{folder.name}/") from None
-    dist.barrier()
 
 
 def save_checkpoint(run: Run, log_bytes: int) -> None:
