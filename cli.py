@@ -6,6 +6,7 @@ import math
 import os
 import re
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -233,20 +234,24 @@ def build_parser(config_class, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def cli_main(main, argv=None, stopped_errors=()) -> int:
+class RunStopped(RuntimeError):
+    """A run that cannot go on (a NaN loss): exit 1, the last good checkpoint kept."""
+
+
+def cli_main(main, argv=None) -> int:
     """Run `main(argv)`. A bad input (ValueError / FileNotFoundError) is one line `error: ...` on
     rank 0 and exit 2, a stopped run exit 1, Ctrl-C exit 130 (the shell's code for SIGINT)."""
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         return main(argv)
-    except (ValueError, FileNotFoundError, *stopped_errors) as err:
+    except (ValueError, FileNotFoundError, RunStopped) as err:
         line, path = f"error: {err}", os.environ.get("TORCHELASTIC_ERROR_FILE")
         if rank0:
             print(line, file=sys.stderr, flush=True)
         if rank0 and path:  # shown in torchrun's summary (else `error_file: <N/A>`)
             info = {"py_callstack": line, "timestamp": str(int(time.time()))}  # @record's format
             Path(path).write_text(json.dumps({"message": {"message": line, "extraInfo": info}}))
-        return 1 if isinstance(err, stopped_errors) else 2
+        return 1 if isinstance(err, RunStopped) else 2
     except KeyboardInterrupt:
         if rank0:
             print("error: interrupted (Ctrl-C); completed checkpoints and result files are intact",
@@ -322,6 +327,30 @@ def read_manifest(out: Path) -> dict | None:
     if not isinstance(manifest, dict) or not (out / str(manifest.get("last"))).is_dir():
         raise ValueError(f"{path}: names no checkpoint folder of {out}; the file is damaged")
     return manifest
+
+
+def write_checkpoint(out: Path, step: int, fill, manifest: dict, best: bool, best_metric) -> dict:
+    """`fill(folder)` writes checkpoint step-<step> into a temporary folder renamed into place, then
+    the manifest is replaced: a kill at any moment leaves it naming complete folders only. Returns
+    the new manifest ("last"; "best" too when `best`); other checkpoints are deleted."""
+    name = f"step-{step:08d}"
+    tmp, final = out / (name + ".tmp"), out / name
+    for stale in (tmp, final):  # leftovers of a killed attempt at this step (never in the manifest)
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fill(tmp)
+    os.rename(tmp, final)
+    manifest = {**manifest, "last": name, "step": step, **({"best": name} if best else {}),
+                "best_metric": best_metric}
+    write_json_atomic(out / MANIFEST_FILE, manifest)
+    delete_unreferenced_checkpoints(out, manifest)
+    return manifest
+
+
+def delete_unreferenced_checkpoints(out: Path, manifest: dict) -> None:
+    for path in out.glob("step-*"):  # and the step-*.tmp of a killed checkpoint write
+        if path.name not in (manifest.get("last"), manifest.get("best")):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def resolve_checkpoint(path: Path) -> Path:

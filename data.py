@@ -479,9 +479,10 @@ def tokenization_mismatches(examples: Sequence[Example], dataset: Dataset,
     return [e for e in examples if split_differs(e)]
 
 
-def collate_train(encoded_examples: Sequence[EncodedExample], pad_id: int) -> dict:
+def collate_train(encoded_examples: Sequence[EncodedExample], pad_id: int, device="cpu") -> dict:
     """Right padding: under causal attention no real token sees the padding after it, so no mask.
-    The logits predicting position p sit at p - 1, so label_mask marks p - 1 for every target p."""
+    The logits predicting position p sit at p - 1, so label_mask marks p - 1 for every target p.
+    The tensors on `device`, but the trie nodes stay on the CPU."""
     lengths = [len(e.input_ids) for e in encoded_examples]
     input_ids = torch.full((len(lengths), max(lengths)), pad_id, dtype=torch.long)   # (b, T)
     label_mask = torch.zeros(input_ids.shape, dtype=torch.bool)                       # (b, T)
@@ -490,8 +491,9 @@ def collate_train(encoded_examples: Sequence[EncodedExample], pad_id: int) -> di
         label_mask[row, e.prompt_length - 1:lengths[row] - 1] = True
     labels = input_ids[:, 1:][label_mask[:, :-1]]                                     # (N,)
     label_nodes = torch.cat([e.target_nodes for e in encoded_examples]).long()        # (N,)
-    return {"input_ids": input_ids, "label_mask": label_mask, "labels": labels,
-            "label_nodes": label_nodes, "num_label_tokens": int(labels.numel())}
+    return {"input_ids": input_ids.to(device), "label_mask": label_mask.to(device),
+            "labels": labels.to(device), "label_nodes": label_nodes,
+            "num_label_tokens": int(labels.numel())}
 
 
 def collate_prompts(prompt_token_lists: Sequence[Sequence[int]],

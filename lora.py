@@ -142,9 +142,10 @@ def save_adapter(model: nn.Module, config: LoraConfig, out_dir, base_model_path:
     write_text_atomic(out_dir / "adapter_config.json", text)
 
 
-def load_adapter(model: nn.Module, adapter_dir, dtype=torch.float32) -> LoraConfig:
+def load_adapter(model: nn.Module, adapter_dir, dtype=torch.float32, dropout=None) -> LoraConfig:
     """Load a PEFT-format LoRA adapter into `model` (applying LoRA first if it has none), strictly:
-    every adapter tensor of the model is in the file, nothing else is, and the shapes are equal."""
+    every adapter tensor of the model is in the file, nothing else is, and the shapes are equal.
+    `dropout` replaces the file's (a run that continues an adapter trains with its own)."""
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise FileNotFoundError(f"adapter folder not found: {adapter_dir}")
@@ -180,7 +181,8 @@ def load_adapter(model: nn.Module, adapter_dir, dtype=torch.float32) -> LoraConf
     target_modules = [name for name in LORA_TARGETS if name in target_modules] + unknown
     try:
         config = LoraConfig(r=fields["r"], alpha=fields["lora_alpha"],
-                            dropout=fields.get("lora_dropout", 0.0), target_modules=target_modules)
+                            dropout=fields.get("lora_dropout", 0.0) if dropout is None else dropout,
+                            target_modules=target_modules)
     except ValueError as err:
         raise ValueError(f"{config_path}: {err}") from None
 

@@ -56,7 +56,7 @@ def bear(logits, labels, valid_row, valid_token, beam_width=10, lam=0.6875, xi=2
     As d/du log sigmoid(u) = sigmoid(-u) and grad(Delta_t^B) = -grad(log p_t) = grad(L_base), the
     gradient is, for every logit, w_t * grad(L_base) with the detached weight
     w_t = 1 + lam' * sigmoid((log p_t - log beta_t) / xi): the gradient of the authors' re-weighted
-    cross-entropy (`bear_authors_reweighted`), though the values differ. Where beta_t = p_t (e.g.
+    cross-entropy (tested), though the values differ. Where beta_t = p_t (e.g.
     one valid token) the term is the constant lam * log(1/2).
 
     surrogate="violators" is OUR ablation, not the paper's method: lam * -log sigmoid(-Delta_t^B /
@@ -80,24 +80,6 @@ def bear_token_weights(logits, labels, valid_row, valid_token, beam_width=10, la
     _, margin = _base_loss_and_margin(logits, labels, valid_row, valid_token, beam_width, tau, base)
     sign = 1.0 if surrogate == "violators" else -1.0
     return 1.0 + (lam / xi) * torch.sigmoid(sign * margin / xi)
-
-
-def bear_authors_reweighted(logits, labels, valid_row, valid_token, beam_width=10, topk_weight=0.25,
-                            xi=2.75, tau=1.0, base="msl"):
-    """The authors' BEAR: the base cross-entropy times the DETACHED weight w_t = 1 + topk_weight *
-    sigmoid((log p_t - log beta_t) / xi). Same gradient as `bear(..., lam=topk_weight * xi)`, value
-    w_t * L_base. Kept for readers and the equivalence test. Returns (N,) fp32."""
-    _check_inputs(logits, labels, valid_token)
-    _check_hyper(beam_width, tau, base)
-    base_loss, margin = _base_loss_and_margin(logits, labels, valid_row, valid_token, beam_width,
-                                              tau, base)
-    weight = 1.0 + topk_weight * torch.sigmoid(-margin.detach() / xi)             # (N,) detached
-    return weight * base_loss
-
-
-def lam_from_topk_weight(topk_weight, xi):
-    """lam in eq. 3.5 units from the authors' `topk_weight` lam' (their weight 1 + lam' sigmoid)."""
-    return topk_weight * xi
 
 
 def obj31(logits, labels, valid_row, valid_token, thresholds, label_example, beam_width=10,

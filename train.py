@@ -21,7 +21,6 @@ import json
 import math
 import os
 import pickle
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,12 +32,12 @@ import amazon
 import data
 import loss as losses
 from beam import BeamConfig, prefix_thresholds, title_logits
-from cli import (GB, MANIFEST_FILE, Distributed, Memory, Progress, build_parser, cli_main,
-                 fit_in_memory, format_seconds, init_distributed, option, read_json,
-                 read_manifest, resolve_checkpoint, resolve_model, shard_bounds,
-                 write_atomically, write_json_atomic)
+from cli import (GB, MANIFEST_FILE, Distributed, Memory, Progress, RunStopped, build_parser,
+                 cli_main, delete_unreferenced_checkpoints, fit_in_memory, format_seconds,
+                 init_distributed, option, read_json, read_manifest, resolve_checkpoint,
+                 resolve_model, shard_bounds, write_atomically, write_checkpoint, write_json_atomic)
 from eval import evaluate
-from lora import LoraConfig, apply_lora, load_adapter, lora_layers, save_adapter
+from lora import LoraConfig, apply_lora, load_adapter, save_adapter
 from model import DEFAULT_MODEL, DTYPES, load_model, weights_sha256
 from tokenizer import load_tokenizer
 
@@ -62,10 +61,9 @@ class TrainConfig:
     out: str = option("out", "checkpoint folder")
     epochs: int = option(10, "passes over the training sample")
     global_batch: int = option(128, "windows per optimizer step, over all processes")
-    micro_batch: int | str = option("auto", "windows per forward/backward pass on one process, or "
-                                    "auto: the most that fit in memory, up to 8", type=auto_or_int)
-    max_memory: float = option(0.0, "GB one process may use, for --micro-batch auto (0 = what the "
-                               "machine has)")
+    micro_batch: int | str = option("auto", "windows per forward/backward on one process, or auto "
+                                    "(the most that fit in memory, up to 8)", type=auto_or_int)
+    max_memory: float = option(0.0, "GB a process may use (--micro-batch auto; 0 = all)")
     lr: float = option(1e-4, "peak AdamW learning rate")
     warmup_steps: int = option(20, "linear warm-up steps, then linear decay to 0")
     max_grad_norm: float = option(1.0, "gradient clipping (as transformers' Trainer); 0 = off")
@@ -78,20 +76,17 @@ class TrainConfig:
                         "likely the paper's lambda) times xi (their Toy 0.25 -> 0.6875)")
     xi: float = option(2.75, "xi, the sigmoid temperature of eq. 3.4 / 3.1")
     tau: float = option(1.0, "softmax temperature of MSL (and BEAR's MSL base)")
-    surrogate: str = option("paper", "BEAR's regulariser: paper (eq. 3.4), or violators (OUR "
-                            "ablation, -log sigmoid(-Delta/xi))", choices=losses.SURROGATES)
-    normalize: str = option("tokens", "tokens: the summed loss / the global batch's label tokens; "
-                            "authors (BEAR only): their per-micro-batch sum(w_t CE_t) / sum(w_t)",
-                            choices=("tokens", "authors"))
+    surrogate: str = option("paper", "BEAR's regulariser: eq. 3.4, or OUR ablation -log sigmoid("
+                            "-Delta/xi)", choices=losses.SURROGATES)
+    normalize: str = option("tokens", "loss / the global batch's label tokens, or the authors' per-"
+                            "micro-batch sum(w_t CE_t) / sum(w_t)", choices=("tokens", "authors"))
     base: str = option("msl", "base loss of BEAR / Obj 3.1", choices=("msl", "sft"))
-    init_adapter: str = option("", "start from this adapter (a run or checkpoint folder); S-DPO: "
-                               "the SFT adapter, also its frozen reference model")
+    init_adapter: str = option("", "start from this adapter (a run or checkpoint); sdpo: SFT's")
     dpo_beta: float = option(1.0, "S-DPO's beta (official default 1)")
     negatives: int = option(3, "S-DPO's sampled negative titles per window (official default 3)")
     negative_seed: int = option(42, "seed of S-DPO's negatives, drawn once per window")
-    reg_softmax: str = option("full", "sdpo-bear: the softmax of the regulariser's p_t and beta_t: "
-                              "full (the vocabulary, as S-DPO's) or masked (over V_t, as MSL's)",
-                              choices=("full", "masked"))
+    reg_softmax: str = option("full", "sdpo-bear: p_t and beta_t over the vocabulary (as S-DPO) or "
+                              "V_t (masked, as MSL)", choices=("full", "masked"))
     train_samples: int = option(10000, "windows sampled from train with --seed (0 = all)")
     seed: int = option(42, "data sample, data order, LoRA init and dropout")
     dtype: str = option("bf16", "base model dtype (LoRA, AdamW: fp32)", choices=("bf16", "fp32"))
@@ -169,10 +164,9 @@ def title_items(micro: list, negatives: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def reference_log_probs(model, windows: list, negatives: torch.Tensor, trie, config: TrainConfig,
                         pad_id: int, dist: Distributed) -> torch.Tensor:
-    """log pi_ref of every window's 1 + n titles, (W, 1 + n) float64, under the starting adapter
-    with dropout off: the frozen SFT reference. It never changes, so it is computed once here and a
-    step runs the policy alone (the official trainer runs the reference model at every step). The
-    windows go in fixed chunks, chunk c on rank c mod world: the same numbers for any world size."""
+    """log pi_ref of every window's 1 + n titles, (W, 1 + n) float64: the starting adapter, dropout
+    off. It never changes, so it is computed once, not at every step as the official trainer does.
+    Fixed chunks, chunk c on rank c mod world: the same numbers for any world size."""
     model.eval()
     size, count = config.eval_batch, len(windows)
     chunks = list(range(0, count, size))[dist.rank::dist.world]
@@ -257,8 +251,7 @@ def train_step(run: Run) -> dict:
     batch_ids = order[start:start + config.global_batch]
     global_batch = [run.train_examples[i] for i in batch_ids]
     global_label_tokens = sum(len(e.target_nodes) for e in global_batch)  # known to every rank
-    # The mean is over label tokens, or over prompts for S-DPO's per-prompt loss.
-    global_count = len(global_batch) if run.preference else global_label_tokens
+    global_count = len(global_batch) if run.preference else global_label_tokens  # S-DPO: prompts
     shards = [shard_bounds(len(global_batch), r, dist.world) for r in range(dist.world)]
     my_ids = batch_ids[slice(*shards[dist.rank])]  # ranks differ by one window at most
     my_batch = [run.train_examples[i] for i in my_ids]
@@ -272,7 +265,7 @@ def train_step(run: Run) -> dict:
     for first in range(0, len(my_batch), config.micro_batch):
         micro = my_batch[first:first + config.micro_batch]
         ids = my_ids[first:first + config.micro_batch]
-        batch = collate(micro, run.tokenizer.pad_id, dist.device)
+        batch = data.collate_train(micro, run.tokenizer.pad_id, dist.device)
         weight_sums = [] if config.normalize == "authors" else None
         preference = run.preference and tuple(table[ids] for table in run.preference)
         per_position = label_position_losses(run.model, batch, micro, run.trie, config,
@@ -296,7 +289,7 @@ def train_step(run: Run) -> dict:
     for what, value in (("loss", batch_loss), ("gradient norm", grad_norm)):
         if not math.isfinite(value):  # all-reduced: every rank stops here, none is left waiting
             kept = run.manifest and Path(config.out) / run.manifest["last"]
-            raise TrainingStopped(f"{what} is {value} at step {step + 1}; stopped without updating "
+            raise RunStopped(f"{what} is {value} at step {step + 1}; stopped without updating "
                                   f"the adapter. Last good checkpoint (kept): "
                                   f"{kept or 'none was written yet'}")
     lr = learning_rate(step, run.total_steps, config)
@@ -311,18 +304,8 @@ def train_step(run: Run) -> dict:
             "peak_memory_gb": dist.gather([round(memory.peak() / GB, 3)])}  # per rank
 
 
-def collate(micro: list, pad_id: int, device: torch.device) -> dict:
-    """data.collate_train's batch on `device`, the trie nodes left on the CPU."""
-    return {k: v.to(device) if torch.is_tensor(v) and k != "label_nodes" else v
-            for k, v in data.collate_train(micro, pad_id).items()}
-
-
 def prompts_of(micro: list) -> list[list[int]]:
     return [e.input_ids[:e.prompt_length].tolist() for e in micro]
-
-
-class TrainingStopped(RuntimeError):
-    """A run that cannot go on (a NaN loss): exit 1, the last good checkpoint kept."""
 
 
 def validate(run: Run, epoch: int) -> dict:
@@ -365,17 +348,14 @@ def start_run(config: TrainConfig, given: set[str], dist: Distributed) -> Run:
     if dist.world > len(windows):
         raise ValueError(f"{dist.world} processes but only {len(windows)} training windows: "
                          f"use at most {len(windows)} processes (or a larger --limit)")
-    negatives = None
-    if config.loss in PREFERENCE_LOSSES:  # drawn once, from the seed: the same on every rank
-        negatives = data.sample_negatives(dataset.train[:config.limit or None], dataset.titles,
-                                          config.negatives, config.negative_seed)
+    negatives = data.sample_negatives(  # drawn once, from the seed: the same on every rank
+        dataset.train[:config.limit or None], dataset.titles, config.negatives,
+        config.negative_seed) if config.loss in PREFERENCE_LOSSES else None
     model = load_model(source.folder, dtype=DTYPES[config.dtype], device=dist.device)
     torch.manual_seed(config.seed)  # the same LoRA init on every rank
     if config.init_adapter:  # its rank, alpha and targets; the dropout is --lora-dropout's
-        config = adopt_adapter_shape(config, given, load_adapter(model, config.init_adapter))
-        for layer in lora_layers(model).values():
-            layer.dropout = torch.nn.Dropout(config.lora_dropout) if config.lora_dropout else \
-                torch.nn.Identity()
+        config = adopt_adapter_shape(config, given, load_adapter(model, config.init_adapter,
+                                                                 dropout=config.lora_dropout))
     else:
         apply_lora(model, lora_config(config))
     params = [p for _, p in sorted(model.named_parameters()) if p.requires_grad]  # LoRA A, B (fp32)
@@ -457,7 +437,7 @@ def choose_micro_batch(model, windows: list, trie, config: TrainConfig, tokenize
 
     def trial(count: int) -> None:  # a forward + backward on the `count` longest windows
         micro, ids = [windows[i] for i in longest[:count]], longest[:count]
-        batch = collate(micro, tokenizer.pad_id, dist.device)
+        batch = data.collate_train(micro, tokenizer.pad_id, dist.device)
         preference = negatives is not None and (negatives[ids], torch.zeros(count, 1 + len(
             negatives[0]), dtype=torch.float64))  # the reference's value costs no memory
         label_position_losses(model, batch, micro, trie, config, tokenizer,
@@ -514,31 +494,17 @@ def prepare_out_dir(config: TrainConfig, given: set[str]) -> tuple[TrainConfig, 
 
 
 def save_checkpoint(run: Run, log_bytes: int) -> None:
-    """The checkpoint of this step, written into a temporary folder renamed into place, then the
-    manifest replaced: a kill at any moment leaves it naming complete folders only."""
+    """This step's adapter, trainer state and config as a checkpoint (cli.write_checkpoint)."""
     config, state, out = run.config, run.state, Path(run.config.out)
-    name = f"step-{state['step']:08d}"
-    tmp, final = out / (name + ".tmp"), out / name
-    for stale in (tmp, final):  # leftovers of a killed attempt at this step (never in the manifest)
-        if stale.exists():
-            shutil.rmtree(stale)
-    save_adapter(run.model, lora_config(config), tmp, base_model_path=config.model)  # PEFT format
-    torch.save({**state, "optimizer": run.optimizer.state_dict(), "log_bytes": log_bytes},
-               tmp / STATE_FILE)
-    write_json_atomic(tmp / CONFIG_FILE, run.record)
-    os.rename(tmp, final)
-    run.manifest = {**run.manifest, "last": name, "step": state["step"]}
-    if state["best_step"] == state["step"]:
-        run.manifest["best"] = name
-    run.manifest["best_metric"] = state["best_metric"]
-    write_json_atomic(out / MANIFEST_FILE, run.manifest)
-    delete_unreferenced_checkpoints(out, run.manifest)
 
-
-def delete_unreferenced_checkpoints(out: Path, manifest: dict) -> None:
-    for path in out.glob("step-*"):  # and the step-*.tmp of a killed checkpoint write
-        if path.name not in (manifest.get("last"), manifest.get("best")):
-            shutil.rmtree(path, ignore_errors=True)
+    def fill(folder: Path) -> None:
+        save_adapter(run.model, lora_config(config), folder, base_model_path=config.model)  # PEFT
+        torch.save({**state, "optimizer": run.optimizer.state_dict(), "log_bytes": log_bytes},
+                   folder / STATE_FILE)
+        write_json_atomic(folder / CONFIG_FILE, run.record)
+    run.manifest = write_checkpoint(out, state["step"], fill, run.manifest,
+                                    best=state["best_step"] == state["step"],
+                                    best_metric=state["best_metric"])
 
 
 # ----------------------------------------------------------------------------- The command line
@@ -553,16 +519,14 @@ def parse_config(argv) -> tuple[TrainConfig, set[str]]:
     for action in parser._actions:  # a second parse with no defaults tells which flags were typed
         action.default = argparse.SUPPRESS
     given = set(vars(parser.parse_args(argv)))
-    # Absolute paths, which eval.py and --resume find from anywhere (a $BEAR_DATA root too); a hub
-    # id stays as typed (its commit is recorded).
+    # Absolute paths, found from anywhere (a $BEAR_DATA root too); a hub id stays as typed.
     if config.model and Path(config.model).expanduser().is_dir():
         config.model = str(Path(config.model).expanduser().resolve())
     config.data_dir = str(data.resolve_data_root(config.data_dir).resolve())
     if config.init_adapter:  # a run folder: its best checkpoint
         folder = Path(config.init_adapter).expanduser()
-        if (folder / MANIFEST_FILE).exists():
-            folder = resolve_checkpoint(folder)
-        config.init_adapter = str(folder.resolve())
+        config.init_adapter = str((resolve_checkpoint(folder) if (folder / MANIFEST_FILE).exists()
+                                   else folder).resolve())
     if config.dataset.lower() not in data.DATASETS and Path(config.dataset).expanduser().is_dir():
         config.dataset = str(Path(config.dataset).expanduser().resolve())  # a folder of your own
     return config, given
@@ -595,17 +559,17 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError(f"--surrogate and --normalize apply only to --loss bear, got --loss "
                          f"{config.loss}")
     if config.init_adapter and not (Path(config.init_adapter) / "adapter_config.json").is_file():
-        raise ValueError(f"--init-adapter {config.init_adapter}: no adapter_config.json there (give "
-                         f"a train.py run or checkpoint folder, or a PEFT LoRA adapter)")
+        raise ValueError(f"--init-adapter {config.init_adapter}: no adapter_config.json there "
+                         f"(give a train.py run or checkpoint folder, or a PEFT LoRA adapter)")
     preference = config.loss in PREFERENCE_LOSSES
     if preference and not config.init_adapter:
-        raise ValueError(f"--loss {config.loss} starts from an SFT adapter, which is also its frozen "
+        raise ValueError(f"--loss {config.loss} starts from an SFT adapter, also its frozen "
                          f"reference: give --init-adapter (a train.py --loss sft run)")
     if not preference and (config.dpo_beta, config.negatives, config.negative_seed) != (1.0, 3, 42):
-        raise ValueError(f"--dpo-beta, --negatives and --negative-seed apply only to --loss sdpo and "
-                         f"sdpo-bear, got --loss {config.loss}")
+        raise ValueError(f"--dpo-beta, --negatives and --negative-seed apply only to --loss sdpo "
+                         f"and sdpo-bear, got --loss {config.loss}")
     if config.reg_softmax != "full" and config.loss != "sdpo-bear":
-        raise ValueError(f"--reg-softmax applies only to --loss sdpo-bear, got --loss {config.loss}")
+        raise ValueError(f"--reg-softmax applies only to --loss sdpo-bear, not {config.loss}")
     if config.normalize == "authors" and config.micro_batch == "auto":
         raise ValueError("--normalize authors divides by each micro-batch's weights, so the "
                          "micro-batch is part of the loss: give it, e.g. --micro-batch 8")
@@ -633,4 +597,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main, stopped_errors=(TrainingStopped,)))
+    sys.exit(cli_main(main))

@@ -340,7 +340,7 @@ KILL_PATCHES = {
               "    return original(obj, path, *args, **kwargs)\n"
               "torch.save = save", "step-00000002"),
     # the 3rd manifest (step 4): its temp file half-written, then SIGKILL; step-00000004/ is complete
-    "manifest": ("calls = []\noriginal = train.write_json_atomic\n"
+    "manifest": ("import cli\ncalls = []\noriginal = cli.write_json_atomic\n"
                  "def write(path, obj):\n"
                  "    if str(path).endswith('checkpoint.json'):\n"
                  "        calls.append(path)\n"
@@ -348,7 +348,7 @@ KILL_PATCHES = {
                  "            open(str(path) + '.tmp', 'w').write('{\"last\": \"step-0')\n"
                  "            os.kill(os.getpid(), signal.SIGKILL)\n"
                  "    return original(path, obj)\n"
-                 "train.write_json_atomic = write", "step-00000003"),
+                 "cli.write_json_atomic = write", "step-00000003"),
 }
 
 
@@ -389,8 +389,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     monkeypatch.setattr(train.losses, "bear", lambda *args, **kwargs: real_bear(*args, **kwargs)
                         * (float("nan") if current["step"] == 3 else 1.0))
     out = tmp_path / "run"
-    code = cli.cli_main(train.main, train_argv(tiny_llama, office_slice, out, save_every=1),
-                               stopped_errors=(train.TrainingStopped,))
+    code = cli.cli_main(train.main, train_argv(tiny_llama, office_slice, out, save_every=1))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
     assert len(err) == 1 and err[0].startswith("error: loss is nan at step 4;") and "step-00000003" in err[0]
