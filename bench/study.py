@@ -260,22 +260,25 @@ def evaluate_unit(preset: Preset, results: Path, work: Path, arm: str, run: dict
     import torch
     import beam
     import data
-    from cli import Progress
+    from cli import Progress, resolve_model
     from lora import load_adapter
     from model import DTYPES, load_model
     from tokenizer import load_tokenizer
 
     started = time.time()
+    # The weights the run recorded, as eval.py --ckpt loads them: a hub id at its commit, or a folder.
+    trained = run["config"] if run is not None else {}
+    source = resolve_model(trained.get("model", preset.model), revision=trained.get("model_revision"))
     partial = work / "test" / f"{arm}.partial.jsonl"
     partial.parent.mkdir(parents=True, exist_ok=True)
     records = read_partial(partial)
-    tokenizer = load_tokenizer(preset.model)
+    tokenizer = load_tokenizer(source.folder)
     dataset = data.load_dataset(data.DataConfig(dataset=preset.dataset, data_dir=preset.data_dir,
                                                 train_samples=preset.train_samples, seed=preset.seed))
     trie = data.build_trie(dataset, tokenizer)
     test = test_windows(dataset, preset)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(str(Path(preset.model).expanduser()), dtype=DTYPES[preset.dtype], device=device)
+    model = load_model(source.folder, dtype=DTYPES[preset.dtype], device=device)
     if run is not None:
         load_adapter(model, run["dir"] / "adapter")
     model.eval()

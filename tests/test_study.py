@@ -328,3 +328,40 @@ def test_exact_search_shortcut_against_brute_force(tiny_preset):
     pruned = [r for r in eligible if r["beam_rank"] is None]
     assert len(skipped) > len(records) / 2 and len(eligible) == 2 * min(10, len(oracle[next(iter(oracle))][0]))
     assert pruned, "no eligible target was pruned: the case does not exercise PR@K"
+
+
+def test_paper_preset_code_path_with_a_hub_id_two_processes_one_test_unit_and_the_report(tmp_path, tiny_preset):
+    """The paper preset's own path at toy sizes: --model a hub id served offline from a cache built here, the
+    training unit under torchrun with 2 gloo processes, a test unit that loads the weights the run recorded
+    (the hub id at its commit: a folder-only loader fails here), then the report."""
+    import shutil
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    cache = tmp_path / "hub"
+    repo = cache / "models--tiny-org--tiny-llama"
+    shutil.copytree(tiny_preset.model, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    sizes = {name: getattr(tiny_preset, name) for name in (
+        "data_dir", "train_samples", "epochs", "global_batch", "micro_batch", "warmup_steps", "valid_limit",
+        "test_limit", "beam_width", "eval_batch", "save_every", "dtype", "bootstrap", "chunk")}
+    preset = dataclasses.replace(study.PRESETS["paper"], model="tiny-org/tiny-llama", nproc=2, **sizes)
+    results, work = tmp_path / "results", tmp_path / "work"
+    code = (f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r}); import study\n"
+            f"from pathlib import Path\n"
+            f"preset = study.Preset(**{dataclasses.asdict(preset)!r})\n"
+            f"results, work = Path({str(results)!r}), Path({str(work)!r})\n"
+            f"study.write_json(results / 'preset.json', study.dataclasses.asdict(preset))\n"
+            f"run = study.train_unit(preset, results, work, 'msl-lr0.0001', loss='msl', lr=1e-4)\n"
+            f"study.evaluate_unit(preset, results, work, 'msl', run)\n"
+            f"print(study.report(results))\n")
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    config = json.loads((results / "runs" / "msl-lr0.0001" / "train_config.json").read_text())
+    assert config["model"] == "tiny-org/tiny-llama" and config["model_revision"] == commit
+    log = [json.loads(line) for line in (results / "runs" / "msl-lr0.0001" / "log.jsonl").read_text().splitlines()]
+    assert len(log[0]["peak_memory_gb"]) == 2  # one entry per training process
+    records = study.read_records(results / "test" / "msl")
+    assert len(records) == preset.test_limit
+    assert "| msl |" in (results / "report.md").read_text()
