@@ -26,7 +26,6 @@ padded), D tokens run on top of the prompt cache, N target tokens of all example
 """
 import heapq
 import math
-import weakref
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -94,7 +93,8 @@ def beam_search(model, prompts, trie, eos_id, pad_id, config=BeamConfig(), progr
 def _beam_search_batch(model, prompts, trie, eos_id, pad_id, config, prefilled=None):
     """The module docstring's search for one batch; `prefilled` = prefill's (cache, logits)."""
     width, penalty = config.beam_width, config.length_penalty
-    determined = _determined_nodes(trie, config.mask_before_softmax)            # (num_nodes,)
+    # One leaf below and the mask before the softmax: log p = 0 at every later step (see Beams).
+    determined = (trie.leaf_count == 1) & config.mask_before_softmax            # (num_nodes,)
     cache, logits = prefilled or prefill(model, prompts, pad_id)               # logits (U, V)
     beams = Beams.start(len(prompts))
     active = torch.arange(len(prompts))                                         # (U,) prompts
@@ -165,19 +165,15 @@ def _next_beams(model, cache, beams, cand, done, determined):
 # ---------------------------------------------------------------------------------------- Obj 3.1
 @torch.no_grad()
 def prefix_thresholds(model, prompts, targets, trie, eos_id, pad_id, config=BeamConfig(), tau=1.0):
-    """Thresholds of objective 3.1 (SPEC §3), one per label position, (N,) fp32, aligned with the
-    training batch's labels (example by example, token by token of trie.item_tokens[target]).
+    """Thresholds of objective 3.1 (SPEC §3), (N,) fp32, one per label position of the training
+    batch (example by example, token by token of trie.item_tokens[target]).
 
-    Each example's constrained beam search is simulated under the current parameters (all
-    examples' beams on one KV cache). At step t the candidates are the trie-valid one-token
-    extensions of the running beams, scored by their total log-prob log P(c_<=t | x) (no length
-    penalty). The threshold is the log-prob of the B-th best candidate y_<=t competes with:
-      - label token not EOS: the B-th best non-EOS candidate (only those become running beams);
-      - label token EOS: the B-th best of all (an EOS candidate finishes only within the first B).
-    Fewer than B such candidates: the smallest. Finished hypotheses compete no more. The search
-    runs to the end of each positive, ignoring the early stop; if it dies out, the last threshold
-    repeats. The positive is a candidate only while the search keeps it. Scores: mask_before_softmax
-    as configured, logits / tau, matching loss.obj31's log P(y_<=t)."""
+    Each example's beam search is simulated under the current parameters; at step t the threshold
+    is the total log-prob log P(c_<=t | x) of the B-th best candidate y_<=t competes with: the
+    B-th best non-EOS candidate (only those run on), or for an EOS label the B-th best of all (an
+    EOS finishes only within the first B); fewer than B: the smallest. The search runs to the end
+    of each positive, ignoring the early stop; if it dies out, the last threshold repeats. Scores
+    as loss.obj31's log P(y_<=t): mask_before_softmax as configured, logits / tau."""
     labels = [trie.item_tokens[t] for t in targets]
     thresholds = _by_batch(config.batch_size, None, prompts, labels, run_batch=lambda batch, y: (
         _thresholds_batch(model, batch, y, trie, eos_id, pad_id, config, tau)))
@@ -187,7 +183,7 @@ def prefix_thresholds(model, prompts, targets, trie, eos_id, pad_id, config=Beam
 def _thresholds_batch(model, prompts, labels, trie, eos_id, pad_id, config, tau):
     """`_beam_search_batch` without finishing or stopping, recording the thresholds."""
     width = config.beam_width
-    determined = _determined_nodes(trie, config.mask_before_softmax)  # log p = 0 for any tau > 0
+    determined = (trie.leaf_count == 1) & config.mask_before_softmax  # log p = 0 for any tau
     cache, logits = prefill(model, prompts, pad_id)
     beams = Beams.start(len(prompts))
     active = torch.arange(len(prompts))                                         # (U,) each example
@@ -383,25 +379,10 @@ def pruned_positives(targets, beam_results, exact_results, k):
     """(eligible, pruned) example indices for PR@K = len(pruned) / len(eligible) (paper Fig. 6; 0
     when none is eligible): eligible = the target is in the exact top-K by P(y|x)
     (exact_results[i][:k]); pruned = eligible and not among the beam's leaves. The violation rate
-    (paper Fig. 4) is the share of the pruned whose target `violates_necessary_condition`."""
+    (paper Fig. 4) is the share of the pruned with some rank_t >= B (`search_and_teacher_force`)."""
     eligible = [i for i, t in enumerate(targets) if rank_of(t, exact_results[i][:k]) is not None]
     pruned = [i for i in eligible if rank_of(targets[i], beam_results[i]) is None]
     return eligible, pruned
-
-
-@torch.no_grad()
-def violates_necessary_condition(model, prompt, target, trie, config=BeamConfig()):
-    """True if, teacher-forcing the target after the prompt, some step has p_t < beta_t (beta_t the
-    B-th largest valid probability, the smallest if fewer than B are valid), i.e. rank_t >= B. The
-    same for both masking options."""
-    tokens = trie.item_tokens[target]
-    input_ids = torch.tensor([list(prompt) + list(tokens)])                     # (1, P + L)
-    read_at = torch.zeros_like(input_ids, dtype=torch.bool)
-    read_at[0, len(prompt) - 1:-1] = True                                       # predicting tokens
-    logits = model(input_ids, logits_at=read_at).float()                        # (L, V)
-    row, token = trie.valid_next(trie.item_path(target))                        # (M,) valid pairs
-    ranks = _label_ranks(logits, torch.tensor(tokens), row, token)              # (L,)
-    return bool((ranks >= config.beam_width).any())
 
 
 # ------------------------------------------------------------------------------------- primitives
@@ -481,40 +462,3 @@ def _run_on_prompts(model, prompt_cache, users, sequences, pad_id, every_token):
     cache = prompt_cache.select(torch.as_tensor(list(users)))                   # shares the prompts
     attention_mask = torch.cat([cache.cached_mask().cpu(), fed.long()], dim=1)  # (R, P + D)
     return model(input_ids, attention_mask=attention_mask, cache=cache, logits_at=read_at).float()
-
-
-def _determined_nodes(trie, mask_before_softmax):
-    """(num_nodes,) bool: nodes after which every step has log p = 0 exactly (one leaf below, mask
-    before the softmax; full-vocabulary log-probs are not 0 on single-child nodes)."""
-    if not mask_before_softmax:
-        return torch.zeros(trie.num_nodes, dtype=torch.bool)
-    return _leaf_counts(trie) == 1
-
-
-_LEAF_COUNTS = weakref.WeakKeyDictionary()  # trie -> its leaf counts, computed once per trie
-
-
-def _leaf_counts(trie):
-    """(num_nodes,) long: how many leaves (distinct titles) lie in each node's subtree, the node
-    included. Node ids run breadth first, so each depth is a contiguous id range; the counts are
-    summed into the parents one depth at a time, deepest first (one index_add per depth)."""
-    counts = _LEAF_COUNTS.get(trie)
-    if counts is not None:
-        return counts
-    counts = torch.zeros(trie.num_nodes, dtype=torch.long)                      # (num_nodes,)
-    counts[torch.tensor(sorted(trie.leaf_items), dtype=torch.long)] = 1
-    num_children = trie.child_ptr.diff()                                        # (num_nodes,)
-    edge_parent = torch.repeat_interleave(torch.arange(trie.num_nodes), num_children)  # (E,) edges
-    assert bool((trie.child_node > edge_parent).all()), "trie node ids must be breadth first"
-    parent = torch.full((trie.num_nodes,), -1, dtype=torch.long)
-    parent[trie.child_node] = edge_parent                                       # (num_nodes,)
-    depths = [(0, 1)]                                                           # [first, end) ids
-    while int(trie.child_ptr[depths[-1][1]]) > int(trie.child_ptr[depths[-1][0]]):
-        first, end = depths[-1]
-        depths.append((int(trie.child_node[trie.child_ptr[first]]),
-                       int(trie.child_node[trie.child_ptr[end] - 1]) + 1))
-    for first, end in reversed(depths[1:]):
-        counts.index_add_(0, parent[first:end], counts[first:end].clone())  # parents: ids < first
-    _LEAF_COUNTS[trie] = counts
-    return counts
-

@@ -17,14 +17,14 @@ import json
 import os
 import sys
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from cli import build_parser, read_json
+from cli import build_parser, option, read_json
 
 
 # ---------------------------------------------------------------- datasets and the prompt (SPEC §1)
@@ -100,15 +100,12 @@ def build_prompt(info: DatasetInfo, history_titles: Sequence[str]) -> str:
 # ---------------------------------------------------------------------- processed files and splits
 @dataclass
 class DataConfig:
-    dataset: str = field(default="", metadata={
-        "help": "office | book | toy | clothing, or the path of a dataset folder of your own"})
-    data_dir: str | None = field(default=None, metadata={
-        "help": "data root; None: $BEAR_DATA, else ./data"})
-    train_samples: int = field(default=10000, metadata={
-        "help": "the paper trains on sample(n=10000, random_state=42) of train; <= 0: all of "
-                "train"})
-    seed: int = field(default=42, metadata={"help": "seed of the training sample"})
-    max_history: int = field(default=10, metadata={"help": "history titles per prompt"})
+    dataset: str = option("", "office | book | toy | clothing, or a dataset folder of your own")
+    data_dir: str | None = option(None, "data root; None: $BEAR_DATA, else ./data")
+    train_samples: int = option(10000, "the paper trains on sample(n=10000, random_state=42) of "
+                                       "train; <= 0: all of train")
+    seed: int = option(42, "seed of the training sample")
+    max_history: int = option(10, "history titles per prompt")
 
 
 @dataclass(frozen=True)
@@ -314,11 +311,12 @@ class ItemTrie:
 
     root = 0
 
-    def __init__(self, child_ptr, child_token, child_node, leaf_items, item_tokens, item_path_ptr,
-                 item_path_nodes, item_row):
+    def __init__(self, child_ptr, child_token, child_node, leaf_items, leaf_count, item_tokens,
+                 item_path_ptr, item_path_nodes, item_row):
         self.child_ptr, self.child_token, self.child_node = child_ptr, child_token, child_node
         self.num_nodes = len(child_ptr) - 1
         self.leaf_items: dict[int, frozenset[int]] = leaf_items
+        self.leaf_count = leaf_count       # (num_nodes,) leaves (distinct titles) in each subtree
         self.item_tokens: dict[int, tuple[int, ...]] = item_tokens
         self._item_path_ptr, self._item_path_nodes = item_path_ptr, item_path_nodes
         self._item_row = item_row
@@ -361,13 +359,18 @@ class ItemTrie:
             next_id += len(pairs)
         child_ptr = np.concatenate([[0], np.cumsum(np.bincount(np.concatenate(parents),
                                                                minlength=next_id))])
+        leaf = node_before[np.arange(len(seqs)), lengths]                           # (I,)
         leaf_items = defaultdict(set)
-        for row, item in enumerate(items):
-            leaf_items[int(node_before[row, lengths[row]])].add(item)
+        for node, item in zip(leaf.tolist(), items):
+            leaf_items[node].add(item)
+        _, one_row = np.unique(leaf, return_index=True)                # one item row per title
+        on_path = np.arange(tokens.shape[1] + 1) <= lengths[one_row, None]          # root..leaf
+        leaf_count = np.bincount(node_before[one_row][on_path], minlength=next_id)  # (nodes,)
         path_nodes = node_before[rows, columns]                  # (sum L,) node before each token
         return cls(torch.from_numpy(child_ptr), torch.from_numpy(np.concatenate(child_tokens)),
                    torch.arange(1, next_id), {n: frozenset(s) for n, s in leaf_items.items()},
-                   dict(zip(items, seqs)), path_ptr, torch.from_numpy(path_nodes),
+                   torch.from_numpy(leaf_count), dict(zip(items, seqs)), path_ptr,
+                   torch.from_numpy(path_nodes),
                    {i: r for r, i in enumerate(items)})
 
     def step(self, nodes: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -38,22 +38,26 @@ def evaluate(model, dataset, tokenizer, trie, examples, beam_config, dist: Distr
     targets = [example.target for example in shard]
     prompts = [data.prompt_tokens(dataset.prompt(example), tokenizer) for example in shard]
     which = "" if dist.world == 1 else " (rank 0's shard)"  # every rank runs its shard at one pace
-    results = beam.beam_search(model, prompts, trie, eos, pad, beam_config, progress=Progress(
-        f"{label} beam search{which}", len(shard), rank=dist.rank)) if shard else []
+    progress = Progress(f"{label} beam search{which}", len(shard), rank=dist.rank)
+    if pruning:  # and each target teacher-forced on the same prefill: its tokens' ranks rank_t
+        results, forced = beam.search_and_teacher_force(model, prompts, targets, trie, eos, pad,
+                                                        beam_config, progress)
+    else:
+        results = beam.beam_search(model, prompts, trie, eos, pad, beam_config, progress)
     ranks = [beam.rank_of(target, found) for target, found in zip(targets, results)]  # 0-based/None
     # Sums over this shard (mean x count), all-reduced below: the whole split's metric on any world.
     sums = {f"{name}@{k}": metric(ranks, k) * len(ranks)
             for name, metric in (("ndcg", beam.ndcg_at), ("hr", beam.hit_at)) for k in CUTOFFS}
     if pruning:
         exact = beam.exact_topk(model, prompts, trie, top, eos, pad, beam_config, progress=Progress(
-            f"{label} exact top-{top}{which}", len(shard), rank=dist.rank)) if shard else []
+            f"{label} exact top-{top}{which}", len(shard), rank=dist.rank))
         pruned = {}
         for k in CUTOFFS:
             eligible, pruned[k] = beam.pruned_positives(targets, results, exact, k)
             sums[f"eligible@{k}"], sums[f"pruned@{k}"] = len(eligible), len(pruned[k])
-        # Fig. 4: which pruned top-10 positives break the necessary condition p_t >= beta_t
-        sums["violated"] = sum(beam.violates_necessary_condition(
-            model, prompts[i], targets[i], trie, beam_config) for i in pruned[top])
+        # Fig. 4: the pruned top-10 positives that break the necessary condition p_t >= beta_t at
+        # some step, i.e. some token ranks B or lower among the valid ones (rank_t >= B)
+        sums["violated"] = sum(max(forced[i][0]) >= beam_config.beam_width for i in pruned[top])
     records = [{"user_id": example.user_id, "target": example.target,
                 "beams": [{"items": sorted(items), "score": score} for items, score in found]}
                for example, found in zip(shard, results)] if keep_results else []
@@ -113,9 +117,11 @@ def run_eval(config: EvalConfig, dist: Distributed) -> dict:
         print(f"warning: {source.folder} does not hold the weights this adapter was trained on "
               f"(sha256 {recorded[:12]}...); its results will differ", file=sys.stderr, flush=True)
     tokenizer = load_tokenizer(source.folder)
-    dataset = data.load_dataset(data.DataConfig(
-        dataset=trained["dataset"], data_dir=config.data_dir or recorded_data_dir(trained),
-        train_samples=trained["train_samples"], seed=trained["seed"]))
+    root = trained["data_dir"]  # the run's data root where this machine has it, else the defaults
+    data_dir = config.data_dir or (root if root and Path(root).is_dir() else None)
+    dataset = data.load_dataset(data.DataConfig(dataset=trained["dataset"], data_dir=data_dir,
+                                                train_samples=trained["train_samples"],
+                                                seed=trained["seed"]))
     trie = data.build_trie(dataset, tokenizer)
     examples = getattr(dataset, config.split)[:config.limit or None]  # --limit 0: all
     model = load_model(source.folder, dtype=DTYPES[trained["dtype"]], device=dist.device).eval()
@@ -149,12 +155,6 @@ def run_eval(config: EvalConfig, dist: Distributed) -> dict:
     # a rank that raised alone would wait there, not exit and let torchrun stop the rest.
     dist.barrier()
     return report
-
-
-def recorded_data_dir(trained: dict) -> str | None:
-    """The data root the run recorded, when this machine has it; else None: $BEAR_DATA or ./data."""
-    recorded = trained["data_dir"]
-    return recorded if recorded and Path(recorded).is_dir() else None
 
 
 def main(argv=None) -> int:

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cli import read_json
+
 
 # ------------------------------------------------------------------------------------ the decoder
 @dataclass
@@ -49,6 +51,7 @@ class LlamaConfig:
         def check(ok, message):
             if not ok:
                 raise ValueError(f"{source}: {message}")
+        check(isinstance(d, dict), "expected a JSON object")
         check(d.get("model_type") == "llama",
               f"unsupported model_type {d.get('model_type')!r} (only 'llama' models load)")
         check(d.get("hidden_act", "silu") == "silu",
@@ -93,13 +96,7 @@ class LlamaConfig:
 
     @classmethod
     def from_file(cls, path) -> LlamaConfig:
-        try:
-            d = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{path}: expected a JSON object")
-        return cls.from_dict(d, source=str(path))
+        return cls.from_dict(read_json(Path(path)), source=str(path))
 
 
 class RMSNorm(nn.Module):
@@ -461,10 +458,10 @@ def load_model(path, dtype=torch.bfloat16, device="cpu") -> LlamaForCausalLM:
         raise FileNotFoundError(f"no weights in {folder}: neither model.safetensors nor "
                                 "model.safetensors.index.json")
     else:
-        try:
-            shards = sorted(set(json.loads(index.read_text("utf-8"))["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError):   # not JSON, or not UTF-8
-            raise ValueError(f"{index}: not a JSON object with a 'weight_map'") from None
+        weight_map = read_json(index)
+        if not isinstance(weight_map, dict) or not isinstance(weight_map.get("weight_map"), dict):
+            raise ValueError(f"{index}: not a JSON object with a 'weight_map'")
+        shards = sorted(set(weight_map["weight_map"].values()))
     location = {}   # tensor name -> where it sits
     for shard in shards:
         if not (folder / shard).is_file():

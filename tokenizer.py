@@ -1,37 +1,27 @@
 """The tokenizers of Llama-family checkpoints, in pure Python over tiktoken / sentencepiece.
 
-Three kinds of tokenizer file load: Llama-3's tiktoken rank file (Meta's `tokenizer.model`), a
-Hugging Face byte-level BPE `tokenizer.json` (Llama-3.x uploads, SmolLM2), converted to tiktoken
-ranks, and a sentencepiece model (the Llama-2 family). `load_tokenizer(folder)` picks one and reads
-BOS/EOS/pad from tokenizer_config.json. The oracles in tests/test_tokenizer.py are HF `tokenizers`
+Two kinds of tokenizer file load, those Hugging Face Llama folders ship: a byte-level BPE
+`tokenizer.json` (every Llama-3.x upload, SmolLM2), converted to tiktoken ranks, and a sentencepiece
+`tokenizer.model` (the Llama-2 family). `load_tokenizer(folder)` picks one and reads BOS/EOS/pad
+from tokenizer_config.json. The oracles in tests/test_tokenizer.py are HF `tokenizers`
 and `sentencepiece` themselves, on the real Llama-3 and SmolLM2 files.
 """
-import base64
 import itertools
 import json
-import re
 import unicodedata
 from pathlib import Path
 
-# Llama-3's pre-tokenizer pattern (Meta's tokenizer.py; the same string is in its tokenizer.json).
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+from cli import read_json
+
 # GPT-2's pattern, which HF's ByteLevel pre-tokenizer applies when use_regex is true.
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-# Meta's 256 special tokens after the 128000 ranks of Llama-3's tiktoken file (its tokenizer.py).
-LLAMA3_SPECIAL_TOKENS = (
-    ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-     "<|reserved_special_token_1|>", "<|reserved_special_token_2|>", "<|reserved_special_token_3|>",
-     "<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
-    + [f"<|reserved_special_token_{i}|>" for i in range(5, 256 - 5)])
 
 
 class Tokenizer:
     """encode(text) adds nothing (no BOS/EOS) and treats special-token text in user data as text.
 
-    Two engines: tiktoken (Llama-3's rank file, and HF byte-level BPE tokenizer.json converted to
-    ranks), or sentencepiece (Llama-2 family). `pre_split` runs the pre-tokenizer steps before the
-    regex one."""
+    Two engines: tiktoken (HF byte-level BPE tokenizer.json converted to ranks), or sentencepiece
+    (Llama-2 family). `pre_split` runs the pre-tokenizer steps before the regex one."""
 
     def __init__(self, *, bos_id, eos_id, pad_id, add_bos, vocab_size, token_ids: dict[str, int],
                  encoding=None, pre_split=None, dropped_ids=frozenset(), sentencepiece=None):
@@ -181,71 +171,37 @@ def _from_tokenizer_json(path: Path):
             _post_processor_bos(spec.get("post_processor")))
 
 
-def _read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
-    ranks = {}
-    for line_number, line in enumerate(path.read_bytes().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            token, rank = line.split()
-            ranks[base64.b64decode(token, validate=True)] = int(rank)
-        except ValueError:
-            raise ValueError(f"{path}: line {line_number} is not '<base64 token> <rank>'") from None
-    if sorted(ranks.values()) != list(range(len(ranks))):
-        raise ValueError(f"{path}: ranks are not the distinct numbers 0..{len(ranks) - 1}")
-    return ranks
-
-
-def _is_tiktoken_file(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return re.match(rb"[A-Za-z0-9+/]+=* \d+\r?\n", f.read(200)) is not None
-
-
 def load_tokenizer(path) -> Tokenizer:
     """A model folder (or a tokenizer file) -> Tokenizer. In a folder, tokenizer.json wins over
-    tokenizer.model (it declares its own pre-tokenizer and special tokens); then tokenizer.model,
-    then original/tokenizer.model. tokenizer_config.json beside it, when present, gives the
-    eos/pad/bos tokens and add_bos_token."""
+    tokenizer.model (it declares its own pre-tokenizer and special tokens; a Llama-3 folder's
+    tokenizer.model is Meta's tiktoken file). tokenizer_config.json beside it, when present, gives
+    the eos/pad/bos tokens and add_bos_token."""
     path = Path(path)
     if path.is_dir():
-        candidates = [path / "tokenizer.json", path / "tokenizer.model",
-                      path / "original" / "tokenizer.model"]
+        candidates = [path / "tokenizer.json", path / "tokenizer.model"]
         file = next((c for c in candidates if c.is_file()), None)
         if file is None:
             raise FileNotFoundError(f"no tokenizer file in {path} (looked for tokenizer.json, "
-                                    "tokenizer.model, original/tokenizer.model)")
+                                    "tokenizer.model)")
         folder = path
     elif path.is_file():
         file, folder = path, path.parent
     else:
         raise FileNotFoundError(f"tokenizer path not found: {path}")
-    config_path, config = folder / "tokenizer_config.json", {}
-    if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+    config_path = folder / "tokenizer_config.json"
+    config = read_json(config_path) if config_path.is_file() else {}
 
     sp, encoding, pre_split, dropped_ids, template_bos = None, None, None, set(), False
     if file.suffix == ".json":
         encoding, pre_split, dropped_ids, token_ids, template_bos = _from_tokenizer_json(file)
-    elif _is_tiktoken_file(file):
-        import tiktoken
-        ranks = _read_tiktoken_ranks(file)
-        if len(ranks) != 128000:
-            raise ValueError(f"{file}: a tiktoken rank file with {len(ranks)} ranks; only "
-                             "Llama-3's (128000) is known")
-        token_ids = {text: len(ranks) + i for i, text in enumerate(LLAMA3_SPECIAL_TOKENS)}
-        encoding = tiktoken.Encoding("llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
-                                     special_tokens=token_ids)
     else:
         import sentencepiece
         sp = sentencepiece.SentencePieceProcessor()
         try:
             sp.LoadFromSerializedProto(file.read_bytes())
         except Exception:
-            raise ValueError(f"{file}: neither a tiktoken rank file nor a sentencepiece "
-                             "model") from None
+            raise ValueError(f"{file}: not a sentencepiece model (a Llama-3 folder's "
+                             "tokenizer.json is read instead of its tiktoken file)") from None
         token_ids = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())
                      if not sp.is_unused(i)}
 

@@ -30,11 +30,11 @@ THE COMMAND on a GPU machine with ../shared beside the repo:
     python bench/gpu_check.py --out gpu-check/
 
 Through the device tool, which copies only the git working tree (tracked and untracked-not-ignored files, at most
-64 MiB) and not ../shared: first, here, copy the 3.7 MiB the check reads into ./data (.gitignore ignores it),
+64 MiB) and not ../shared: first, here, copy the 10 MiB the check reads into ./data (.gitignore ignores it),
 
     python bench/gpu_check.py --pack data
         data/Office/: id2name4Rec.json 211 KiB, train.csv 1157 KiB, valid.csv 141 KiB, test.csv 144 KiB
-        data/llama3/: tokenizer.model 2133 KiB (Meta's tiktoken ranks; tokenizer.json would be 8.7 MiB)
+        data/llama3/: tokenizer.json 8.7 MiB
 
 then run, with carry ["data/Office", "data/llama3"]:
 
@@ -83,7 +83,7 @@ class CheckConfig:
     out: str = field(default="", metadata={"help": "folder for gpu_check.json (required)"})
     data_dir: str = field(default=str(SHARED / "data" / "amazon"), metadata={"help": "data root holding Office/"})
     tokenizer: str = field(default=str(SHARED / "tokenizers" / "llama3"),
-                           metadata={"help": "the Llama-3 tokenizer folder (tokenizer.model or tokenizer.json)"})
+                           metadata={"help": "the Llama-3 tokenizer folder (its tokenizer.json)"})
     device: str = field(default="auto", metadata={"help": "auto: CUDA when there, else the CPU (the tiny mode)",
                                                    "choices": ("auto", "cuda", "cpu")})
     tiny: bool = field(default=False, metadata={"help": "the tiny sizes on CUDA too (a quick smoke run)"})
@@ -145,11 +145,8 @@ OFFICE_FILES = ("id2name4Rec.json", "train.csv", "valid.csv", "test.csv")  # wha
 
 
 def tokenizer_files(folder: Path) -> list:
-    """The Llama-3 tokenizer's files the check uses: Meta's tiktoken ranks `tokenizer.model` (2.1 MiB; loads in
-    0.3 s, 4x faster than the 8.7 MiB tokenizer.json, and gives the same tokens, tests/test_tokenizer.py) when
-    there, else tokenizer.json; and tokenizer_config.json when there."""
-    first = "tokenizer.model" if (folder / "tokenizer.model").is_file() else "tokenizer.json"
-    return [first] + (["tokenizer_config.json"] if (folder / "tokenizer_config.json").is_file() else [])
+    """The Llama-3 tokenizer's files the check uses: tokenizer.json, and tokenizer_config.json when there."""
+    return ["tokenizer.json"] + (["tokenizer_config.json"] if (folder / "tokenizer_config.json").is_file() else [])
 
 
 def check_inputs(config: CheckConfig) -> None:
@@ -158,7 +155,7 @@ def check_inputs(config: CheckConfig) -> None:
         raise FileNotFoundError(f"--data-dir {config.data_dir}: Office/ lacks {', '.join(missing)} (give the data "
                                 f"root holding Office/; `--pack DIR` copies what the check needs)")
     if not (Path(config.tokenizer) / tokenizer_files(Path(config.tokenizer))[0]).is_file():
-        raise FileNotFoundError(f"--tokenizer {config.tokenizer}: no tokenizer.model or tokenizer.json there")
+        raise FileNotFoundError(f"--tokenizer {config.tokenizer}: no tokenizer.json there")
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA device")
 

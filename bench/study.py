@@ -1,7 +1,11 @@
 """The reproduction study: do the paper's claims hold in this code? (SPEC §8; paper Fig. 4/6, Tables 2 and 5)
 
-    python bench/study.py --preset cpu            # run every unit not yet done (resumable), then the report
-    python bench/study.py --preset cpu --report   # recompute every number from results/cpu/ alone (no model)
+    python bench/study.py --preset cpu --dataset toy            # every unit not yet done (resumable), the report
+    python bench/study.py --preset cpu --dataset toy --report   # every number again from results/cpu-toy/ alone
+
+--dataset is a paper dataset (office, the default; book, toy, clothing) or a dataset folder of your own;
+--data-dir, $BEAR_DATA or ./data holds the paper's (a missing one is downloaded, as train.py does); --model is a
+folder or a hub id. Results go to results/<preset>-<dataset>/, checkpoints to out-study/<preset>-<dataset>/.
 
 The protocol, in the order `run_study` executes it (every step a UNIT, skipped when its result exists):
 
@@ -73,23 +77,26 @@ class Preset:
     sweep_topk_weights: tuple = ()
     sweep_xis: tuple = ()
     scale_samples: int = 0    # a scale point: MSL and the chosen BEAR again on this many windows (0 = none)
+    sdpo_lr_grid: tuple = ()  # S-DPO's learning rates (from the SFT run); () = no S-DPO arms
 
 
 PRESETS = {
-    # This 2-core CPU: SmolLM2-135M-Instruct on Office. A training unit is 64 steps of 16 windows (2 epochs of
-    # 512 windows, ~25 min), a test unit the 1,925 test windows (~25 min): about 8 hours in all.
-    "cpu": Preset(dataset="office",
-                  model=os.path.expanduser(os.environ.get("BEAR_SMOLLM2", "~/.cache/bear-tests/smollm2")),
-                  data_dir=str(REPO.parent / "shared" / "data" / "amazon"), train_samples=512, epochs=2,
+    # This 2-core CPU: SmolLM2-135M-Instruct (the hub id; here the hub cache `smollm2-hf --hf-cache` builds). A
+    # training unit is 64 steps of 16 windows (2 epochs of 512 windows), a test unit every test window: on Office
+    # (1,925) about 25 + 30 min per unit alone on the machine, twice that with two units side by side.
+    "cpu": Preset(dataset="office", model="HuggingFaceTB/SmolLM2-135M-Instruct", data_dir="",
+                  train_samples=512, epochs=2,
                   global_batch=16, micro_batch=8, warmup_steps=2, lr_grid=(5e-4, 1e-3, 2e-3),
                   bear_grid=((0.25, 2.75), (1.0, 1.0), (3.0, 0.5)), valid_limit=200, test_limit=0,
-                  sweep_topk_weights=(0.1, 1.0, 5.0), sweep_xis=(0.5, 1.0), scale_samples=2048),
+                  sweep_topk_weights=(0.1, 1.0, 5.0), sweep_xis=(0.5, 1.0), scale_samples=2048,
+                  sdpo_lr_grid=(2e-4, 5e-4)),  # about SFT's / 10, as the official 1e-5 against SFT's 1e-4
     # SPEC §7 on 8 GPUs: Llama-3.2-3B, 10k windows, 10 epochs, global batch 128, lr 1e-4.
-    "paper": Preset(dataset="office", model="meta-llama/Llama-3.2-3B",
-                    data_dir=str(REPO.parent / "shared" / "data" / "amazon"), train_samples=10000, epochs=10,
+    "paper": Preset(dataset="office", model="meta-llama/Llama-3.2-3B", data_dir="", train_samples=10000,
+                    epochs=10,
                     global_batch=128, micro_batch=8, warmup_steps=20, lr_grid=(1e-4,),
                     bear_grid=((0.25, 2.75), (1.0, 1.0), (3.0, 0.5)), valid_limit=0, test_limit=0,
-                    save_every=20, nproc=8, sweep_topk_weights=(0.1, 1.0, 5.0), sweep_xis=(0.5, 1.0)),
+                    save_every=20, nproc=8, sweep_topk_weights=(0.1, 1.0, 5.0), sweep_xis=(0.5, 1.0),
+                    sdpo_lr_grid=(1e-5,)),  # the official S-DPO learning rate
 }
 
 
@@ -136,11 +143,15 @@ def run_study(preset: Preset, results: Path, work: Path) -> None:
     current = weights_hash(preset.model)
     if msl["config"].get("weights_sha256") != current:
         suffix = f"-w{current[:8]}"
-        evaluate_unit(preset, results, work, f"msl{suffix}",
-                      train_unit(preset, results, work, f"msl-lr{lr:g}{suffix}", loss="msl", lr=lr))
-        evaluate_unit(preset, results, work, f"bear-tw{tw:g}-xi{xi:g}",
-                      train_unit(preset, results, work, f"bear-lr{lr:g}-tw{tw:g}-xi{xi:g}{suffix}", loss="bear",
-                                 lr=lr, lam=lam, xi=xi))
+        msl = train_unit(preset, results, work, f"msl-lr{lr:g}{suffix}", loss="msl", lr=lr)
+        evaluate_unit(preset, results, work, f"msl{suffix}", msl)
+        bear = train_unit(preset, results, work, f"bear-lr{lr:g}-tw{tw:g}-xi{xi:g}{suffix}", loss="bear", lr=lr,
+                          lam=lam, xi=xi)
+        evaluate_unit(preset, results, work, f"bear-tw{tw:g}-xi{xi:g}", bear)
+    # The baselines as their authors evaluate them (evaluation only, the same runs; the report pairs each with
+    # the run's test under our settings): MSL and BEAR at transformers' default length penalty 1.0.
+    for arm, run in (("msl-lp1", msl), ("bear-lp1", bear)):
+        evaluate_unit(preset, results, work, arm, run, length_penalty=1.0)
     # RQ5: lambda' and xi one at a time around BEAR's chosen point (run, like every unit, only if missing).
     for sweep_tw, sweep_xi in sweep_points(preset, tw, xi):
         run = train_unit(preset, results, work, f"bear-lr{lr:g}-tw{sweep_tw:g}-xi{sweep_xi:g}", loss="bear",
@@ -154,6 +165,24 @@ def run_study(preset: Preset, results: Path, work: Path) -> None:
                                   dict(loss="bear", lam=lam, xi=xi))):
             run = train_unit(preset, results, work, name, lr=lr, train_samples=n, **flags)
             evaluate_unit(preset, results, work, arm, run)
+    # SFT searched as its authors search it, the mask after the softmax (on these weights, tested both ways).
+    if sft["config"].get("weights_sha256") != current:
+        sft = train_unit(preset, results, work, f"sft-lr{lr:g}-w{current[:8]}", loss="sft", lr=lr)
+        evaluate_unit(preset, results, work, f"sft-w{current[:8]}", sft)
+    evaluate_unit(preset, results, work, "sft-mask-after", sft, mask_before_softmax=False)
+    # S-DPO and S-DPO + BEAR (Fig. 7) from this SFT run, also their frozen reference: S-DPO's learning rate
+    # chosen on validation, S-DPO + BEAR at it with BEAR's chosen lambda and xi; the same negatives (seeded).
+    if preset.sdpo_lr_grid:
+        start = dict(init_adapter=sft["dir"] / "adapter")
+        sdpo_runs = [train_unit(preset, results, work, f"sdpo-lr{rate:g}", loss="sdpo", lr=rate, **start)
+                     for rate in preset.sdpo_lr_grid]
+        sdpo = select(sdpo_runs)
+        drop_adapters(sdpo_runs, sdpo)
+        evaluate_unit(preset, results, work, "sdpo", sdpo)
+        rate = sdpo["config"]["lr"]
+        evaluate_unit(preset, results, work, "sdpo-bear", train_unit(
+            preset, results, work, f"sdpobear-lr{rate:g}-tw{tw:g}-xi{xi:g}", loss="sdpo-bear", lr=rate, lam=lam,
+            xi=xi, **start))
     print(f"study: every unit done ({time.time() - started:.0f} s this invocation)", flush=True)
 
 
@@ -252,8 +281,9 @@ def train_argv(preset: Preset, out: Path, **flags) -> list[str]:
     return [str(a) for a in argv]
 
 
-def evaluate_unit(preset: Preset, results: Path, work: Path, arm: str, run: dict | None) -> None:
-    """Evaluate one model (the untuned base when run is None) on the test split, example by example."""
+def evaluate_unit(preset: Preset, results: Path, work: Path, arm: str, run: dict | None, **settings) -> None:
+    """Evaluate one model (the untuned base when run is None) on the test split, example by example; `settings`
+    (beam.BeamConfig's mask_before_softmax, length_penalty) replace our protocol's and are recorded."""
     dest = results / "test" / arm
     if dest.exists():
         return print(f"skip test/{arm} (done)", flush=True)
@@ -282,7 +312,7 @@ def evaluate_unit(preset: Preset, results: Path, work: Path, arm: str, run: dict
     if run is not None:
         load_adapter(model, run["dir"] / "adapter")
     model.eval()
-    config = beam.BeamConfig(beam_width=preset.beam_width, batch_size=preset.eval_batch)  # lp 0, mask before
+    config = beam.BeamConfig(beam_width=preset.beam_width, batch_size=preset.eval_batch, **settings)
     progress = Progress(f"unit test/{arm}", len(test))
     print(f"unit test/{arm}: {len(test)} test windows ({len(records)} done before)", flush=True)
     with open(partial, "a") as f:
@@ -294,7 +324,7 @@ def evaluate_unit(preset: Preset, results: Path, work: Path, arm: str, run: dict
             f.flush()
     records = read_partial(partial)
     commit_unit(dest, records, {"arm": arm, "run": run["name"] if run else None, "wall_s": time.time() - started,
-                                "code": code_version()})
+                                "code": code_version(), "settings": settings})
     partial.unlink()
 
 
@@ -302,9 +332,9 @@ def evaluate_chunk(model, dataset, tokenizer, trie, chunk, first, config, progre
     """Per test example: the beam's rank of the target, the returned items, the target's teacher-forced token
     ranks and total log-prob, and its rank in the EXACT top-K by total probability (None if not in it).
 
-    The exact top-K search runs only where it can matter: if B returned items (real items, scored exactly as
-    the exact search scores them: length penalty 0) already beat the target's total log-prob, the target is
-    not in the exact top-B, with no search."""
+    The exact top-K search runs only where it can matter: if B returned items (real items, their total log-prob
+    the beam's score x gen_len ** length_penalty) already beat the target's total log-prob, the target is not
+    in the exact top-B, with no search."""
     import beam
     import data
     prompts = [data.prompt_tokens(dataset.prompt(e), tokenizer) for e in chunk]
@@ -313,8 +343,11 @@ def evaluate_chunk(model, dataset, tokenizer, trie, chunk, first, config, progre
                                                     tokenizer.pad_id, config, progress)
     top = max(CUTOFFS)
     log_prob = [sum(f[2]) for f in forced]
+    def total(items, score):  # gen_len = the item's tokens, EOS included
+        return score * len(trie.item_tokens[min(items)]) ** config.length_penalty
+
     need = [i for i, (target, returned) in enumerate(zip(targets, results))
-            if sum(target not in items and score > log_prob[i] for items, score in returned) < top]
+            if sum(target not in items and total(items, score) > log_prob[i] for items, score in returned) < top]
     exact = dict(zip(need, beam.exact_topk(model, [prompts[i] for i in need], trie, top, tokenizer.eos_id,
                                            tokenizer.pad_id, config))) if need else {}
     return [{"i": first + i, "user_id": e.user_id, "target": e.target,
@@ -334,9 +367,13 @@ def evaluate_chunk(model, dataset, tokenizer, trie, chunk, first, config, progre
 ARMS = ("popularity", "base", "sft", "msl", "bear", "obj31", "bear-authors-norm", "bear-violators")
 ARM_LABELS = {"popularity": "popularity", "base": "base model (untuned)", "sft": "SFT", "msl": "MSL",
               "bear": "BEAR", "obj31": "Obj 3.1", "bear-authors-norm": "BEAR, authors' normalisation",
-              "bear-violators": "BEAR, violators surrogate (our ablation)"}
+              "bear-violators": "BEAR, violators surrogate (our ablation)",
+              "msl-lp1": "MSL, length penalty 1.0 (authors' evaluation)",
+              "bear-lp1": "BEAR, length penalty 1.0 (authors' evaluation)",
+              "sft-mask-after": "SFT, mask after the softmax (authors' evaluation)",
+              "sdpo": "S-DPO (from SFT)", "sdpo-bear": "S-DPO + BEAR (from SFT)"}
 PAIRS = (("bear", "msl"), ("bear", "sft"), ("obj31", "bear"), ("bear-authors-norm", "bear"),
-         ("bear-violators", "bear"))
+         ("bear-violators", "bear"), ("sdpo-bear", "sdpo"))
 CI_METRICS = ("ndcg@10", "hr@10", "pr@10", "nc_rate")
 
 
@@ -399,7 +436,8 @@ def report(results: Path) -> str:
         if (results / "runs").exists() else {}
     selection = json.loads((results / "selection.json").read_text()) if (results / "selection.json").exists() \
         else {}
-    arm_run = {arm: json.loads((results / "test" / arm / "unit.json").read_text()).get("run") for arm in arms}
+    units = {arm: json.loads((results / "test" / arm / "unit.json").read_text()) for arm in arms}
+    arm_run = {arm: unit.get("run") for arm, unit in units.items()}
 
     rng = np.random.default_rng(preset["seed"])
     n = len(next(iter(arms.values()))) if arms else 0
@@ -420,7 +458,7 @@ def report(results: Path) -> str:
         config, epochs = run["config"], run["valid"]
         cells = [f"{e['ndcg@10']:.4f} / {e['hr@10']:.4f}" for e in epochs]
         chosen = "*" if name in (selection.get("msl"), selection.get("bear")) else ""
-        regularised = config["loss"] in ("bear", "obj31")
+        regularised = config["loss"] in ("bear", "obj31", "sdpo-bear")
         tw, xi = (f"{config['lam'] / config['xi']:g}", f"{config['xi']:g}") if regularised else ("-", "-")
         lines.append(f"| {name}{chosen} | {config['loss']} | {config['lr']:g} | {tw} | {xi} | "
                      f"{cells[0] if cells else ''} | {', '.join(cells[1:])} | {run['seconds_per_step']:.1f} |")
@@ -443,6 +481,12 @@ def report(results: Path) -> str:
                      f"| {label} | - | " + " | ".join(cells) + f" | {eligible} | - |")
 
     pairs = [(a, b) for a, b in PAIRS if a in arms and b in arms]
+    # S-DPO's arms against the SFT they start from (retrained on the current weights where the first predates them).
+    sft_arm = next((arm for arm in arms if arm.startswith("sft-w")), "sft")
+    pairs += [(a, sft_arm) for a in ("sdpo", "sdpo-bear") if a in arms and sft_arm in arms]
+    # An arm under other search settings (the authors' evaluation) against the same run's test under ours.
+    pairs += [(a, b) for a in arms if units[a].get("settings") for b in arms
+              if arm_run[b] == arm_run[a] is not None and not units[b].get("settings")]
     counted = [arm for arm in arms if "nc_rate" in columns[arm]]
     if counted:  # the counts behind the ratios above, which the README's reading of the claims quotes
         lines += ["", "**Counts** (test windows): " + " / ".join(COUNT_LABELS.values()) + ":", ""]
@@ -497,13 +541,16 @@ def report(results: Path) -> str:
                           f"{trained_on[baseline] or 'unrecorded'}): the differences above mix the two builds."]
         sweep_figure(results, sweep, selection, point, columns, weights, baseline)
     scaled = sorted({arm.split("-n")[1] for arm in arms if arm.startswith(("msl-n", "bear-n"))}, key=int)
-    if scaled and {"msl", "bear"} <= set(arms):
+    # At the preset's size, MSL and the chosen BEAR trained on the weights the scale point trains on.
+    chosen = f"bear-tw{selection.get('topk_weight', 0):g}-xi{selection.get('xi', 0):g}"
+    bear_base = chosen if baseline != "msl" and chosen in arms else "bear"
+    if scaled and {baseline, bear_base} <= set(arms):
         lines += ["", "**Scale** (the same protocol on more training windows; paired bootstrap 95% CIs):", "",
                   "| training windows | difference | " + " | ".join(CI_METRICS) + " | eligible@10 |",
                   "|---|---|" + "---|" * (len(CI_METRICS) + 1)]
-        rows = [(preset["train_samples"], "bear", "msl")]
+        rows = [(preset["train_samples"], bear_base, baseline)]
         for n in scaled:
-            rows += [(n, f"bear-n{n}", f"msl-n{n}"), (n, f"msl-n{n}", "msl")]
+            rows += [(n, f"bear-n{n}", f"msl-n{n}"), (n, f"msl-n{n}", baseline)]
         for n, a, b in rows:
             if a in arms and b in arms:
                 eligible = f"{columns[a]['eligible@10'].sum():.0f} / {columns[b]['eligible@10'].sum():.0f}"
@@ -514,8 +561,7 @@ def report(results: Path) -> str:
     if "sft" in costs:
         lines += ["", "Training cost per step relative to SFT (median seconds per optimizer step, same machine): " +
                   ", ".join(f"{arm}/sft {costs[arm] / costs['sft']:.2f}x" for arm in costs if arm != "sft") + "."]
-    wall = sum(r["wall_s"] for r in runs.values()) + sum(
-        json.loads((results / "test" / arm / "unit.json").read_text())["wall_s"] for arm in arms)
+    wall = sum(r["wall_s"] for r in runs.values()) + sum(unit["wall_s"] for unit in units.values())
     lines += ["", f"Wall time of the units done so far: {wall / 3600:.2f} h "
                   f"({len(runs)} training runs, {len(arms)} test evaluations)."]
     figure(results, {arm: point[arm] for arm in arms if arm in ARMS}, columns, weights)
@@ -676,16 +722,35 @@ def write_json(path: Path, obj) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="The BEAR reproduction study (resumable).")
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
-    parser.add_argument("--results", default="", help="results folder (default results/<preset>)")
-    parser.add_argument("--work", default="", help="checkpoints and partial files (default out-study/<preset>)")
-    parser.add_argument("--model", default="", help="override the preset's model")
+    parser.add_argument("--results", default="", help="results folder (default results/<preset>-<dataset>)")
+    parser.add_argument("--work", default="", help="checkpoints and partial files (default out-study/<preset>-<dataset>)")
+    parser.add_argument("--dataset", default="", help="office | book | toy | clothing, or a dataset folder "
+                                                      "(default: the preset's, office)")
+    parser.add_argument("--data-dir", default="", help="data root (default $BEAR_DATA, else ./data)")
+    parser.add_argument("--model", default="", help="a folder or hub id (default: the preset's)")
     parser.add_argument("--report", action="store_true", help="only recompute the report from --results")
     args = parser.parse_args(argv)
+    import amazon
+    import cli
+    import data
     preset = PRESETS[args.preset]
-    if args.model:
-        preset = dataclasses.replace(preset, model=args.model)
-    results = Path(args.results or REPO / "results" / args.preset)
-    work = Path(args.work or REPO / "out-study" / args.preset)
+    dataset = args.dataset or preset.dataset
+    folder = Path(dataset).expanduser()
+    if dataset.lower() in data.DATASETS:
+        dataset = name = dataset.lower()
+    else:  # a folder of your own, named by its folder (data.locate_dataset refuses anything else)
+        dataset, name = str(folder.resolve()) if folder.is_dir() else dataset, folder.resolve().name
+    preset = dataclasses.replace(preset, dataset=dataset, model=args.model or preset.model,
+                                 data_dir=str(data.resolve_data_root(args.data_dir or None).resolve()))
+    results = Path(args.results or REPO / "results" / f"{args.preset}-{name}")
+    work = Path(args.work or REPO / "out-study" / f"{args.preset}-{name}")
+    try:  # the data first (a paper dataset missing from the root is downloaded): one error line
+        if not args.report:
+            amazon.fetch_if_missing(preset.dataset, preset.data_dir, cli.Distributed())
+            data.locate_dataset(preset.dataset, preset.data_dir)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
     try:
         if not args.report:
             run_study(preset, results, work)

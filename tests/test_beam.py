@@ -122,7 +122,7 @@ def test_leaf_counts_equal_brute_force(trie):
             expected.setdefault(node, set()).add(seq)
             if prefix_length < len(seq):
                 node = int(trie.step(torch.tensor([node]), torch.tensor([seq[prefix_length]]))[0])
-    assert beam._leaf_counts(trie).tolist() == [len(expected[n]) for n in range(trie.num_nodes)]
+    assert trie.leaf_count.tolist() == [len(expected[n]) for n in range(trie.num_nodes)]
 
 
 def test_determined_beams_skip_the_model(tiny):
@@ -211,7 +211,7 @@ def test_exact_topk_equals_exhaustive_scoring(tiny, trie, mask_before):
 @pytest.mark.parametrize("mask_before", [True, False])
 def test_search_and_teacher_force_equal_naive_reference(tiny, trie, mask_before):
     """The search's results are beam_search's; each target token's rank among the valid tokens, |V_t| and log p_t
-    are the naive ones; and violates_necessary_condition is exactly "some token ranks B or lower"."""
+    are the naive ones (the necessary condition holds at step t iff rank_t < B)."""
     hf, ours = tiny
     targets = [4, 8, 12, 1]
     config = beam.BeamConfig(beam_width=2, mask_before_softmax=mask_before, batch_size=3)
@@ -223,7 +223,6 @@ def test_search_and_teacher_force_equal_naive_reference(tiny, trie, mask_before)
         assert valid == [len(step) for step in steps]
         assert ranks == [sum(lp > step[token] for lp in step.values()) for step, token in zip(steps, seq)]
         assert log_probs == pytest.approx([step[token] for step, token in zip(steps, seq)], abs=2e-5)
-        assert beam.violates_necessary_condition(ours, prompt, target, trie, config) == (max(ranks) >= 2)
 
 
 # --------------------------------------------------------------------------------------------- Figure 1
@@ -284,11 +283,10 @@ def test_figure1_pruned_positives_and_violations_by_hand():
     # 3, item 9: .45 >= .45 at step 0 but .1 < .3 at step 1 (1, 3, 0) -> True. Either masking option.
     for mask_before in (True, False):
         config = beam.BeamConfig(beam_width=2, mask_before_softmax=mask_before)
-        violated = [beam.violates_necessary_condition(fixed, p, t, small, config)
-                    for p, t in zip(prompts, targets)]
-        assert violated == [True, False, False, True]
         _, forced = beam.search_and_teacher_force(fixed, prompts, targets, small, EOS, PAD, config)
         assert [r for r, _, _ in forced] == [[2, 0, 0], [0, 1, 0], [0, 0, 0], [1, 3, 0]]
+        violated = [max(ranks) >= config.beam_width for ranks, _, _ in forced]
+        assert violated == [True, False, False, True]
     # So the violation rate of the pruned top-3 positives (0 and 1) is 1/2.
     assert [violated[i] for i in beam.pruned_positives(targets, found, exact, 3)[1]] == [True, False]
     ranks = [beam.rank_of(t, r) for t, r in zip(targets, found)]

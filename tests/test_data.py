@@ -651,7 +651,7 @@ def test_trie_children_are_distinct_and_sorted():
     # distinct tokens; build() guarantees it and the constructor checks it once (not every loss call).
     eos = 9
     trie = data.ItemTrie.build({1: [5, 6, eos], 2: [5, 6, 7, eos], 3: [4, eos]}, eos)
-    rest = (trie.leaf_items, trie.item_tokens, trie._item_path_ptr, trie._item_path_nodes, trie._item_row)
+    rest = (trie.leaf_items, trie.leaf_count, trie.item_tokens, trie._item_path_ptr, trie._item_path_nodes, trie._item_row)
     child_ptr = trie.child_ptr.clone()
     child_ptr[1:] += 1                                                    # the root gets one more edge ...
     repeated = torch.cat([trie.child_token[:1], trie.child_token])       # ... repeating its first child's token

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 CHECKS = {"logits_fp32", "beam_search_fp32", "train_fp32_obj31", "train_bf16_bear", "torchrun_train",
           "sigkill_resume", "eval_ckpt_pruning", "process_group"}
 PACKED = ["Office/id2name4Rec.json", "Office/test.csv", "Office/train.csv", "Office/valid.csv",
-          "llama3/tokenizer.model"]
+          "llama3/tokenizer.json"]
 
 
 def gpu_check(*args, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -66,7 +66,7 @@ def test_pack_copies_only_what_the_check_reads(cpu_run):
     folder, _ = cpu_run
     files = sorted(p.relative_to(folder / "payload") for p in (folder / "payload").rglob("*") if p.is_file())
     assert [str(p) for p in files] == PACKED
-    assert sum((folder / "payload" / p).stat().st_size for p in files) < 5 * 2**20  # the device tool carries 64 MiB
+    assert sum((folder / "payload" / p).stat().st_size for p in files) < 16 * 2**20  # the device tool carries 64 MiB
 
 
 @pytest.mark.parametrize("args,message", [

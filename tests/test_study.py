@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -40,7 +41,7 @@ def tiny_preset(tmp_path_factory, smollm2_dir, data_root) -> study.Preset:
                                epochs=2, global_batch=4, micro_batch=3, warmup_steps=1, lr_grid=(1e-2, 3e-2),
                                bear_grid=((0.25, 2.75), (1.0, 1.0)), valid_limit=2, test_limit=6, beam_width=4,
                                eval_batch=4, save_every=1, dtype="fp32", bootstrap=200, chunk=4,
-                               sweep_topk_weights=(0.5,), sweep_xis=(1.0,), scale_samples=24)
+                               sweep_topk_weights=(0.5,), sweep_xis=(1.0,), scale_samples=24, sdpo_lr_grid=(1e-2,))
 
 
 def run_study_cli(preset: study.Preset, results: Path, work: Path) -> subprocess.CompletedProcess:
@@ -85,16 +86,24 @@ def test_study_end_to_end_resumes_skips_and_reports_from_raw_files(tmp_path, tin
     points = study.sweep_points(preset, selection["topk_weight"], selection["xi"])
     assert len(points) in (1, 2) and (selection["topk_weight"], selection["xi"]) not in points
     sweep = [f"bear-tw{tw:g}-xi{xi:g}" for tw, xi in points]
-    for arm in [*study.ARMS, *sweep, "msl-n24", "bear-n24"]:
+    evaluation_only = ["msl-lp1", "bear-lp1", "sft-mask-after"]  # the authors' search settings, same runs
+    for arm in [*study.ARMS, *sweep, "msl-n24", "bear-n24", *evaluation_only, "sdpo", "sdpo-bear"]:
         assert (results / "test" / arm / "examples.jsonl").exists(), arm
     assert (results / "valid" / "popularity" / "examples.jsonl").exists()
     text = (results / "report.md").read_text()
     assert "| popularity (floor) |" in text
     assert all(f"| {arm} |" in text for arm in sweep) and "| 0 (MSL) | - | msl |" in text
     assert "| 24 | bear-n24 − msl-n24 |" in text and "| 24 | msl-n24 − msl |" in text
+    assert all(f"| {a} − {b} |" in text for a, b in zip(evaluation_only, ["msl", "bear", "sft"]))
+    assert all(f"| {a} − {b} |" in text for a, b in (("sdpo-bear", "sdpo"), ("sdpo", "sft"), ("sdpo-bear", "sft")))
+    sdpo_bear = json.loads((results / "runs" / f"sdpobear-lr0.01-tw{selection['topk_weight']:g}-xi"
+                                                f"{selection['xi']:g}" / "train_config.json").read_text())
+    assert sdpo_bear["init_adapter"] == str(results / "runs" / f"sft-lr{selection['lr']:g}" / "adapter")
+    assert json.loads((results / "test" / "bear-lp1" / "unit.json").read_text())["settings"] == \
+        {"length_penalty": 1.0}
     scaled = results / "runs" / f"msl-lr{selection['lr']:g}-n24" / "train_config.json"
     assert json.loads(scaled.read_text())["train_samples"] == 24
-    units = len(preset.lr_grid) + len(preset.bear_grid) + 4 + len(points) + 2
+    units = len(preset.lr_grid) + len(preset.bear_grid) + 4 + len(points) + 2 + 2  # ... + S-DPO, S-DPO + BEAR
     assert len(list((results / "runs").iterdir())) == units
     assert (results / "report.md").read_text() in done.stdout
 
@@ -104,7 +113,7 @@ def test_study_end_to_end_resumes_skips_and_reports_from_raw_files(tmp_path, tin
     assert again.returncode == 0, again.stderr[-3000:]
     assert not [line for line in again.stdout.splitlines() if line.startswith("unit ")], again.stdout[:2000]
     assert sum(line.startswith("skip ") for line in again.stdout.splitlines()) == \
-        len(study.ARMS) + 1 + units + len(points) + 2  # + popularity on validation, sweep and scale tests
+        len(study.ARMS) + 1 + units + len(points) + 2 + 3 + 2  # + valid popularity, sweep, scale, evaluation, S-DPO
     assert tree_state(results) == before
 
     # The report mode (a new process, no model) reproduces the same text from the raw files.
@@ -131,12 +140,25 @@ def hand_counted(records: list[dict], beam_width: int) -> dict:
     return out
 
 
-def test_study_metrics_equal_eval_py_and_hand_counts(tmp_path, tiny_preset):
-    """One test unit against eval.py's evaluate (full exact top-K on every example) and the definitions."""
+def teacher_forced_ranks(model, prompt: list[int], tokens, trie) -> list[int]:
+    """rank_t of each target token: the trie-valid tokens whose logit beats it (one plain forward)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + list(tokens)]))[0, len(prompt) - 1:-1].float()
+    ranks = []
+    for logit, node, token in zip(logits, trie.path(tokens), tokens):
+        _, valid = trie.valid_next(torch.tensor([node]))
+        ranks.append(sum(float(logit[v]) > float(logit[token]) for v in valid.tolist()))
+    return ranks
+
+
+@pytest.mark.parametrize("settings", [{}, {"length_penalty": 1.0}, {"mask_before_softmax": False}])
+def test_study_metrics_equal_eval_py_and_hand_counts(tmp_path, tiny_preset, settings):
+    """One test unit against eval.py's evaluate (full exact top-K on every example) and the definitions, under
+    our search settings and the authors' (the evaluation-only arms)."""
     preset = dataclasses.replace(tiny_preset, test_limit=6)
     results, work = tmp_path / "results", tmp_path / "work"
     run = study.train_unit(preset, results, work, "bear", loss="bear", lr=3e-2)
-    study.evaluate_unit(preset, results, work, "bear", run)
+    study.evaluate_unit(preset, results, work, "bear", run, **settings)
     records = study.read_records(results / "test" / "bear")
     columns = study.per_example(records, preset.beam_width)
     ours = {name: float(value[0]) for name, value in study.metrics_from(columns).items()}
@@ -159,19 +181,43 @@ def test_study_metrics_equal_eval_py_and_hand_counts(tmp_path, tiny_preset):
     model = load_model(preset.model, dtype=torch.float32)
     load_adapter(model, results / "runs" / "bear" / "adapter")
     model.eval()
-    config = beam.BeamConfig(beam_width=preset.beam_width, batch_size=preset.eval_batch)
+    config = beam.BeamConfig(beam_width=preset.beam_width, batch_size=preset.eval_batch, **settings)
     reference, _ = evaluation.evaluate(model, dataset, tokenizer, trie, dataset.test[:6], config,
                                        cli.Distributed(), pruning=True)
     for name in ("ndcg@5", "ndcg@10", "hr@5", "hr@10", "pr@5", "pr@10"):
         assert ours[name] == pytest.approx(reference[name], abs=1e-12), name
-    violated = [beam.violates_necessary_condition(model, data.prompt_tokens(dataset.prompt(e), tokenizer),
-                                                  e.target, trie, config) for e in dataset.test[:6]]
+    # Each target's token ranks from one unpadded forward, compared by Python, and the study's.
+    violated = [max(teacher_forced_ranks(model, data.prompt_tokens(dataset.prompt(e), tokenizer),
+                                         trie.item_tokens[e.target], trie)) >= preset.beam_width
+                for e in dataset.test[:6]]
     assert [max(r["token_ranks"]) >= preset.beam_width for r in records] == violated
     # The beam's returned lists are the plain beam search's.
     prompts = [data.prompt_tokens(dataset.prompt(e), tokenizer) for e in dataset.test[:6]]
     plain = beam.beam_search(model, prompts, trie, tokenizer.eos_id, tokenizer.pad_id, config)
     assert [[items for items, _ in r["beam"]] for r in records] == \
         [[sorted(items) for items, _ in result] for result in plain]
+
+
+def test_the_exact_search_is_skipped_only_by_total_log_probs_under_a_length_penalty():
+    """evaluate_chunk skips the exact top-K search where B returned items beat the target's total log-prob. Under
+    length penalty 1 a returned score is total / gen_len: the totals must be recovered. By hand: the target (10,
+    EOS) has P = .2, the best item by total probability; eleven items (11, 22 + k, 33 + k, EOS) have P = .8 / 11
+    each, yet outscore it per token (log(.8 / 11) / 4 > log .2 / 2), so the B = 10 finished are theirs."""
+    from test_beam import FixedProbabilities
+    eos, prompt, target = 2, 40, 1
+    catalogue = {target: (10, eos)} | {2 + k: (11, 22 + k, 33 + k, eos) for k in range(11)}
+    table = torch.full((48, 48), -30.0)
+    table[prompt, 10], table[prompt, 11], table[10, eos], table[11, 22:33] = math.log(0.2), math.log(0.8), 0, 0
+    for k in range(11):
+        table[22 + k, 33 + k] = table[33 + k, eos] = 0.0
+    fixed, trie = FixedProbabilities(table), data.ItemTrie.build(catalogue, eos)
+    dataset = SimpleNamespace(prompt=lambda example: "x")
+    tokenizer = SimpleNamespace(add_bos=False, encode=lambda text: [prompt], eos_id=eos, pad_id=0)
+    window = data.Example(user_id=1, history=(3,), target=target, timestamp=0)
+    config = beam.BeamConfig(beam_width=10, length_penalty=1.0)
+    record, = study.evaluate_chunk(fixed, dataset, tokenizer, trie, [window], 0, config, lambda done: None)
+    assert record["beam_rank"] is None and len(record["beam"]) == 10 and record["exact_searched"]
+    assert record["exact_rank"] == 0  # in the exact top-10, pruned by the search: PR@10 counts it
 
 
 # ------------------------------------------------------------------ the report against a hand-made folder
@@ -365,3 +411,54 @@ def test_paper_preset_code_path_with_a_hub_id_two_processes_one_test_unit_and_th
     records = study.read_records(results / "test" / "msl")
     assert len(records) == preset.test_limit
     assert "| msl |" in (results / "report.md").read_text()
+
+
+# ------------------------------------------------------------ a committed adapter re-evaluated on a fresh clone
+
+def test_a_committed_study_adapter_reproduces_its_ranked_lists_from_the_hub_cache(tmp_path, shared_dir):
+    """eval.py --ckpt on a committed Office run, its model the hub id its config records, served offline from the
+    hub cache that `smollm2-hf --hf-cache` builds: the committed ranked lists come back, with no weights warning."""
+    import os
+    import shutil
+    results = REPO / "results" / "cpu-office"
+    checkpoint = tmp_path / "adapter"  # a copy: eval.py writes its metrics beside the checkpoint
+    shutil.copytree(results / "runs" / "bear-lr0.002-tw0.25-xi2.75-w269d1636" / "adapter", checkpoint)
+    assert json.loads((checkpoint / "train_config.json").read_text())["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "BEAR_DATA": str(shared_dir / "data" / "amazon")}
+    subprocess.run([sys.executable, str(shared_dir / "tools" / "smollm2-hf"), "--hf-cache"], env=env, check=True,
+                   capture_output=True, timeout=300)
+    # Whole batches of the study's 16 (eval.py's default): a prompt's left padding, so its bf16 bits, depend on
+    # the longest prompt of its batch.
+    dump, limit = tmp_path / "ranked.jsonl", 16
+    done = subprocess.run([sys.executable, "eval.py", "--ckpt", str(checkpoint), "--limit", str(limit), "--dump",
+                           str(dump)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0 and "warning" not in done.stderr, done.stderr[-3000:]
+    ours = [json.loads(line)["beams"] for line in dump.read_text().splitlines()]
+    committed = [r["beam"] for r in study.read_records(results / "test" / "bear-tw0.25-xi2.75")[:limit]]
+    assert [[b["items"] for b in beams] for beams in ours] == [[items for items, _ in beams] for beams in committed]
+    assert [[b["score"] for b in beams] for beams in ours] == \
+        [pytest.approx([score for _, score in beams], abs=1e-5) for beams in committed]  # stored to 5 decimals
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--dataset", "nosuch"], "unknown dataset 'nosuch'"),
+    (["--dataset", "book"], "missing dataset folder {root}/Book, and fetching it failed"),
+])
+def test_study_inputs_give_one_error_line_and_leave_nothing(tmp_path, args, message):
+    """--dataset and the data root as train.py has them: a paper dataset missing from --data-dir is fetched (here
+    from a closed port: one error line, exit 2, no folder left behind); an unknown name is refused."""
+    import os
+    import socket
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    root = tmp_path / "data"
+    done = subprocess.run([sys.executable, "bench/study.py", *args, "--data-dir", str(root), "--results",
+                           str(tmp_path / "results"), "--work", str(tmp_path / "work")], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "BEAR_DATA_URL": f"http://127.0.0.1:{port}"})
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-2000:]
+    assert message.format(root=root) in lines[0]
+    assert not root.exists() and not (tmp_path / "results").exists() and not (tmp_path / "work").exists()

@@ -68,7 +68,7 @@ def plain_text_oracle(tokenizer_json):
     return HFTokenizer.from_str(json.dumps(spec))
 
 
-ROUTES = ["llama3-tokenizer.json", "llama3-tiktoken", "smollm2-tokenizer.json"]
+ROUTES = ["llama3-tokenizer.json", "smollm2-tokenizer.json"]
 
 
 @pytest.fixture(scope="module", params=ROUTES)
@@ -76,8 +76,6 @@ def route(request, llama3_tokenizer_dir, smollm2_dir):
     """(ours, HF oracle, plain-text HF oracle, route name)."""
     if request.param == "llama3-tokenizer.json":
         ours, json_file = M.load_tokenizer(llama3_tokenizer_dir), llama3_tokenizer_dir / "tokenizer.json"
-    elif request.param == "llama3-tiktoken":
-        ours, json_file = M.load_tokenizer(llama3_tokenizer_dir / "tokenizer.model"), llama3_tokenizer_dir / "tokenizer.json"
     else:
         ours, json_file = M.load_tokenizer(smollm2_dir), smollm2_dir / "tokenizer.json"
     return ours, HFTokenizer.from_file(str(json_file)), plain_text_oracle(json_file), request.param
@@ -146,7 +144,7 @@ def test_control_characters_missing_from_smollm2_vocab_are_dropped_like_hf(smoll
 
 def test_special_ids_and_add_bos(llama3_tokenizer_dir, smollm2_dir):
     hf_llama3 = HFTokenizer.from_file(str(llama3_tokenizer_dir / "tokenizer.json"))
-    for ours in (M.load_tokenizer(llama3_tokenizer_dir), M.load_tokenizer(llama3_tokenizer_dir / "tokenizer.model")):
+    for ours in (M.load_tokenizer(llama3_tokenizer_dir), M.load_tokenizer(llama3_tokenizer_dir / "tokenizer.json")):
         assert ours.bos_id == hf_llama3.token_to_id("<|begin_of_text|>") == 128000
         assert ours.eos_id == ours.pad_id == hf_llama3.token_to_id("<|end_of_text|>") == 128001
         assert ours.add_bos and ours.vocab_size == 128256
@@ -183,12 +181,10 @@ def test_tokenizer_json_wins_over_tokenizer_model_in_a_folder(tmp_path, llama3_t
     shutil.copy(smollm2_dir / "tokenizer.json", tmp_path / "tokenizer.json")
     shutil.copy(llama3_tokenizer_dir / "tokenizer.model", tmp_path / "tokenizer.model")
     assert M.load_tokenizer(tmp_path).vocab_size == 49152
-    assert M.load_tokenizer(tmp_path / "tokenizer.model").vocab_size == 128256
+    # Meta's tiktoken file on its own is not read: a Llama-3 folder is read through its tokenizer.json.
     (tmp_path / "tokenizer.json").unlink()
-    (tmp_path / "tokenizer.model").rename(tmp_path / "x")
-    (tmp_path / "original").mkdir()
-    (tmp_path / "x").rename(tmp_path / "original" / "tokenizer.model")      # Meta's layout
-    assert M.load_tokenizer(tmp_path).encode("Hello world") == [9906, 1917]
+    with pytest.raises(ValueError, match="tokenizer.model: not a sentencepiece model .*tokenizer.json"):
+        M.load_tokenizer(tmp_path)
 
 
 # --------------------------------------------------------------------------------------- sentencepiece
@@ -230,13 +226,7 @@ def test_missing_paths(tmp_path):
 
 def test_unreadable_tokenizer_model(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(bytes(range(256)) * 4)
-    with pytest.raises(ValueError, match="neither a tiktoken rank file nor a sentencepiece model"):
-        M.load_tokenizer(tmp_path)
-    (tmp_path / "tokenizer.model").write_text("IQ== 0\nIg== 1\nthis is not a rank line\n")
-    with pytest.raises(ValueError, match="line 3 is not '<base64 token> <rank>'"):
-        M.load_tokenizer(tmp_path)
-    (tmp_path / "tokenizer.model").write_text("".join(f"{b}= {i}\n" for i, b in enumerate(["IQ=", "Ig="])))
-    with pytest.raises(ValueError, match="2 ranks; only Llama-3's"):
+    with pytest.raises(ValueError, match="tokenizer.model: not a sentencepiece model"):
         M.load_tokenizer(tmp_path)
 
 
