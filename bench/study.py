@@ -10,8 +10,9 @@ folder or a hub id. Results go to results/<preset>-<dataset>/, checkpoints to ou
 The protocol, in the order `run_study` executes it (every step a UNIT, skipped when its result exists):
 
  1. popularity   the B most frequent training targets, for every test user (a floor any model must beat)
- 2. msl-lr*      MSL at each learning rate of the preset; each run keeps its best epoch on VALIDATION
-                 (train.py's checkpoint), so the grid chooses the learning rate and the number of steps
+ 2. msl-lr*      MSL at each learning rate of the preset, extended past an edge that wins (msl_grid); each
+                 run keeps its best epoch on VALIDATION (train.py's checkpoint), so the grid chooses the
+                 learning rate and the number of steps
  3. bear-*       BEAR at the chosen lr over a small (lambda', xi) grid, chosen on validation NDCG@10
  4. sft-*        SFT at the chosen lr
  5. test/*       each chosen model on the test split: the constrained beam search (B = 10, mask before the
@@ -20,6 +21,12 @@ The protocol, in the order `run_study` executes it (every step a UNIT, skipped w
                  could be in the exact top-K the exact best-first top-K search (PR@K, Fig. 6)
  6. obj31, bear with the authors' normalisation, bear with the "violators" surrogate (our ablation): trained
     at the chosen lr and BEAR's chosen (lambda', xi), then tested the same way
+ 7. where the runs above predate the weights' recorded hash: MSL and the chosen BEAR again on these weights;
+    then MSL and BEAR under the authors' evaluation (length penalty 1.0; evaluation only, the same runs)
+ 8. RQ5 (Fig. 8): BEAR one factor at a time around the chosen (lambda', xi); the scale point: MSL and the
+    chosen BEAR on scale_samples training windows
+ 9. SFT under the authors' evaluation (mask after the softmax; retrained first on these weights where the
+    first predates them); S-DPO over sdpo_lr_grid from that SFT run, S-DPO + BEAR at the chosen rate (Fig. 7)
 
 Never is anything selected on test. A unit writes its folder under --results atomically (as NAME.tmp, then
 renamed), so rerunning skips finished units, and an interrupted training resumes from its last checkpoint in
@@ -61,6 +68,7 @@ class Preset:
     micro_batch: int
     warmup_steps: int
     lr_grid: tuple            # MSL learning rates; the best on validation is shared by every loss
+    lr_extensions: int        # rates added past a winning edge of lr_grid (msl_grid)
     bear_grid: tuple          # (lambda', xi) pairs: lambda' is the authors' topk_weight, our --lam = lambda' * xi
     valid_limit: int          # validation windows per epoch (0 = all)
     test_limit: int           # test windows (0 = all)
@@ -86,14 +94,13 @@ PRESETS = {
     # (1,925) about 25 + 30 min per unit alone on the machine, twice that with two units side by side.
     "cpu": Preset(dataset="office", model="HuggingFaceTB/SmolLM2-135M-Instruct", data_dir="",
                   train_samples=512, epochs=2,
-                  global_batch=16, micro_batch=8, warmup_steps=2, lr_grid=(5e-4, 1e-3, 2e-3),
+                  global_batch=16, micro_batch=8, warmup_steps=2, lr_grid=(5e-4, 1e-3, 2e-3), lr_extensions=2,
                   bear_grid=((0.25, 2.75), (1.0, 1.0), (3.0, 0.5)), valid_limit=200, test_limit=0,
                   sweep_topk_weights=(0.1, 1.0, 5.0), sweep_xis=(0.5, 1.0), scale_samples=2048,
                   sdpo_lr_grid=(2e-4, 5e-4)),  # about SFT's / 10, as the official 1e-5 against SFT's 1e-4
     # SPEC §7 on 8 GPUs: Llama-3.2-3B, 10k windows, 10 epochs, global batch 128, lr 1e-4.
     "paper": Preset(dataset="office", model="meta-llama/Llama-3.2-3B", data_dir="", train_samples=10000,
-                    epochs=10,
-                    global_batch=128, micro_batch=8, warmup_steps=20, lr_grid=(1e-4,),
+                    epochs=10, global_batch=128, micro_batch=8, warmup_steps=20, lr_grid=(1e-4,), lr_extensions=0,
                     bear_grid=((0.25, 2.75), (1.0, 1.0), (3.0, 0.5)), valid_limit=0, test_limit=0,
                     save_every=20, nproc=8, sweep_topk_weights=(0.1, 1.0, 5.0), sweep_xis=(0.5, 1.0),
                     sdpo_lr_grid=(1e-5,)),  # the official S-DPO learning rate
@@ -113,7 +120,7 @@ def run_study(preset: Preset, results: Path, work: Path) -> None:
     write_json(results / "preset.json", dataclasses.asdict(preset))
     popularity_unit(preset, results)
 
-    msl_runs = [train_unit(preset, results, work, f"msl-lr{lr:g}", loss="msl", lr=lr) for lr in preset.lr_grid]
+    msl_runs = msl_grid(preset, results, work)
     msl = select(msl_runs)
     drop_adapters(msl_runs, msl)
     lr = msl["config"]["lr"]
@@ -184,6 +191,20 @@ def run_study(preset: Preset, results: Path, work: Path) -> None:
             preset, results, work, f"sdpobear-lr{rate:g}-tw{tw:g}-xi{xi:g}", loss="sdpo-bear", lr=rate, lam=lam,
             xi=xi, **start))
     print(f"study: every unit done ({time.time() - started:.0f} s this invocation)", flush=True)
+
+
+def msl_grid(preset: Preset, results: Path, work: Path) -> list[dict]:
+    """MSL at each learning rate of the grid; while the best on validation is at an edge of the rates run so far,
+    one more rate past that edge (x2 above, / 2 below), at most preset.lr_extensions more: the chosen rate is
+    then one the curve falls away from on both sides, not where it may still be rising."""
+    runs = [train_unit(preset, results, work, f"msl-lr{lr:g}", loss="msl", lr=lr) for lr in preset.lr_grid]
+    for _ in range(preset.lr_extensions):
+        rates, best = sorted(run["config"]["lr"] for run in runs), select(runs)["config"]["lr"]
+        if best not in (rates[0], rates[-1]) or len(rates) < 2:
+            break
+        lr = best * 2 if best == rates[-1] else best / 2
+        runs.append(train_unit(preset, results, work, f"msl-lr{lr:g}", loss="msl", lr=lr))
+    return runs
 
 
 def sweep_points(preset: Preset, tw: float, xi: float) -> list[tuple[float, float]]:
@@ -723,7 +744,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="The BEAR reproduction study (resumable).")
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     parser.add_argument("--results", default="", help="results folder (default results/<preset>-<dataset>)")
-    parser.add_argument("--work", default="", help="checkpoints and partial files (default out-study/<preset>-<dataset>)")
+    parser.add_argument("--work", default="", help="checkpoints and partial files "
+                                                   "(default out-study/<preset>-<dataset>)")
     parser.add_argument("--dataset", default="", help="office | book | toy | clothing, or a dataset folder "
                                                       "(default: the preset's, office)")
     parser.add_argument("--data-dir", default="", help="data root (default $BEAR_DATA, else ./data)")

@@ -39,6 +39,7 @@ def tiny_preset(tmp_path_factory, smollm2_dir, data_root) -> study.Preset:
     slice_root = make_office_slice(data_root, tmp_path_factory.mktemp("study_data"))
     return dataclasses.replace(study.PRESETS["cpu"], model=str(model), data_dir=str(slice_root), train_samples=12,
                                epochs=2, global_batch=4, micro_batch=3, warmup_steps=1, lr_grid=(1e-2, 3e-2),
+                               lr_extensions=0,
                                bear_grid=((0.25, 2.75), (1.0, 1.0)), valid_limit=2, test_limit=6, beam_width=4,
                                eval_batch=4, save_every=1, dtype="fp32", bootstrap=200, chunk=4,
                                sweep_topk_weights=(0.5,), sweep_xis=(1.0,), scale_samples=24, sdpo_lr_grid=(1e-2,))
@@ -218,6 +219,25 @@ def test_the_exact_search_is_skipped_only_by_total_log_probs_under_a_length_pena
     record, = study.evaluate_chunk(fixed, dataset, tokenizer, trie, [window], 0, config, lambda done: None)
     assert record["beam_rank"] is None and len(record["beam"]) == 10 and record["exact_searched"]
     assert record["exact_rank"] == 0  # in the exact top-10, pruned by the search: PR@10 counts it
+
+
+@pytest.mark.parametrize("curve,expected", [
+    ({5e-4: 1, 1e-3: 2, 2e-3: 3, 4e-3: 4, 8e-3: 5}, [5e-4, 1e-3, 2e-3, 4e-3, 8e-3]),  # rising: 2 more, then stop
+    ({5e-4: 1, 1e-3: 2, 2e-3: 3, 4e-3: 2}, [5e-4, 1e-3, 2e-3, 4e-3]),                 # falls past the edge
+    ({2.5e-4: 3, 5e-4: 4, 1e-3: 2, 2e-3: 1}, [5e-4, 1e-3, 2e-3, 2.5e-4]),             # the low edge wins
+    ({5e-4: 1, 1e-3: 3, 2e-3: 2}, [5e-4, 1e-3, 2e-3]),                                 # interior: as it is
+])
+def test_the_learning_rate_grid_grows_past_a_winning_edge(monkeypatch, curve, expected):
+    """msl_grid on a made-up validation curve (NDCG@10 by learning rate): the units it asks for, in order."""
+    asked = []
+
+    def train_unit(preset, results, work, name, loss, lr):
+        asked.append(lr)
+        return {"name": name, "config": {"lr": lr}, "best_valid": {"ndcg@10": curve[lr], "hr@10": 0.0}}
+    monkeypatch.setattr(study, "train_unit", train_unit)
+    preset = dataclasses.replace(study.PRESETS["cpu"], lr_grid=(5e-4, 1e-3, 2e-3), lr_extensions=2)
+    runs = study.msl_grid(preset, Path("results"), Path("work"))
+    assert asked == expected and [run["config"]["lr"] for run in runs] == expected
 
 
 # ------------------------------------------------------------------ the report against a hand-made folder
