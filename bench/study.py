@@ -394,7 +394,8 @@ ARM_LABELS = {"popularity": "popularity", "base": "base model (untuned)", "sft":
               "sft-mask-after": "SFT, mask after the softmax (authors' evaluation)",
               "sdpo": "S-DPO (from SFT)", "sdpo-bear": "S-DPO + BEAR (from SFT)"}
 PAIRS = (("bear", "msl"), ("bear", "sft"), ("obj31", "bear"), ("bear-authors-norm", "bear"),
-         ("bear-violators", "bear"), ("sdpo-bear", "sdpo"))
+         ("bear-violators", "bear"), ("sdpo-bear", "sdpo"),
+         ("bear-lp1", "msl-lp1"), ("bear-lp1", "sft-mask-after"))  # each searched as its authors search it
 CI_METRICS = ("ndcg@10", "hr@10", "pr@10", "nc_rate")
 
 

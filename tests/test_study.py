@@ -96,6 +96,7 @@ def test_study_end_to_end_resumes_skips_and_reports_from_raw_files(tmp_path, tin
     assert all(f"| {arm} |" in text for arm in sweep) and "| 0 (MSL) | - | msl |" in text
     assert "| 24 | bear-n24 − msl-n24 |" in text and "| 24 | msl-n24 − msl |" in text
     assert all(f"| {a} − {b} |" in text for a, b in zip(evaluation_only, ["msl", "bear", "sft"]))
+    assert "| bear-lp1 − msl-lp1 |" in text and "| bear-lp1 − sft-mask-after |" in text
     assert all(f"| {a} − {b} |" in text for a, b in (("sdpo-bear", "sdpo"), ("sdpo", "sft"), ("sdpo-bear", "sft")))
     sdpo_bear = json.loads((results / "runs" / f"sdpobear-lr0.01-tw{selection['topk_weight']:g}-xi"
                                                 f"{selection['xi']:g}" / "train_config.json").read_text())
