@@ -71,7 +71,7 @@ class Preset:
     lr_extensions: int        # rates added past a winning edge of lr_grid (msl_grid)
     bear_grid: tuple          # (lambda', xi) pairs: lambda' is the authors' topk_weight, our --lam = lambda' * xi
     valid_limit: int          # validation windows per epoch (0 = all)
-    test_limit: int           # test windows (0 = all)
+    test_limit: int           # at most this many test windows, a seeded sample of a larger split (0 = all)
     beam_width: int = 10
     eval_batch: int = 16      # users per search pass
     save_every: int = 8       # checkpoint every N steps, so a kill loses at most N steps
@@ -90,12 +90,13 @@ class Preset:
 
 PRESETS = {
     # This 2-core CPU: SmolLM2-135M-Instruct (the hub id; here the hub cache `smollm2-hf --hf-cache` builds). A
-    # training unit is 64 steps of 16 windows (2 epochs of 512 windows), a test unit every test window: on Office
-    # (1,925) about 25 + 30 min per unit alone on the machine, twice that with two units side by side.
+    # training unit is 64 steps of 16 windows (2 epochs of 512 windows), a test unit at most 2,000 test windows:
+    # all of Office's 1,925, a seeded sample of Toy's 4,794 (the whole split would take ~1 h per unit); about
+    # 15 + 25 min per unit alone on the machine, twice that with two units side by side.
     "cpu": Preset(dataset="office", model="HuggingFaceTB/SmolLM2-135M-Instruct", data_dir="",
                   train_samples=512, epochs=2,
                   global_batch=16, micro_batch=8, warmup_steps=2, lr_grid=(5e-4, 1e-3, 2e-3), lr_extensions=2,
-                  bear_grid=((0.25, 2.75), (1.0, 1.0), (3.0, 0.5)), valid_limit=200, test_limit=0,
+                  bear_grid=((0.25, 2.75), (1.0, 1.0), (3.0, 0.5)), valid_limit=200, test_limit=2000,
                   sweep_topk_weights=(0.1, 1.0, 5.0), sweep_xis=(0.5, 1.0), scale_samples=2048,
                   sdpo_lr_grid=(2e-4, 5e-4)),  # about SFT's / 10, as the official 1e-5 against SFT's 1e-4
     # SPEC §7 on 8 GPUs: Llama-3.2-3B, 10k windows, 10 epochs, global batch 128, lr 1e-4.
@@ -345,7 +346,7 @@ def evaluate_unit(preset: Preset, results: Path, work: Path, arm: str, run: dict
             f.flush()
     records = read_partial(partial)
     commit_unit(dest, records, {"arm": arm, "run": run["name"] if run else None, "wall_s": time.time() - started,
-                                "code": code_version(), "settings": settings})
+                                "code": code_version(), "settings": settings, "test_split": len(dataset.test)})
     partial.unlink()
 
 
@@ -464,10 +465,13 @@ def report(results: Path) -> str:
     rng = np.random.default_rng(preset["seed"])
     n = len(next(iter(arms.values()))) if arms else 0
     weights = rng.multinomial(n, np.full(n, 1.0 / n), size=preset["bootstrap"]) if n else None
+    split = max((unit.get("test_split", n) for unit in units.values()), default=n)
+    sampled = f" (a seeded sample of the split's {split})" if split > n else ""
     lines = [f"Preset: {preset['dataset']}, model `{Path(preset['model']).name}`, {preset['train_samples']} "
              f"training windows x {preset['epochs']} epochs, global batch {preset['global_batch']}, "
              f"{preset['warmup_steps']} warm-up steps, validation on the first {preset['valid_limit'] or 'all'} "
-             f"validation windows, test on {n} test windows, B = {width}, {preset['dtype']}, seed {preset['seed']}, "
+             f"validation windows, test on {n} test windows{sampled}, B = {width}, {preset['dtype']}, "
+             f"seed {preset['seed']}, "
              f"{preset['bootstrap']} paired bootstrap resamples.", ""]
 
     lines += ["**Selection on validation** (NDCG@10 / HR@10 of each epoch's checkpoint; * = chosen):", "",
@@ -679,7 +683,12 @@ def sweep_figure(results: Path, sweep: dict, selection: dict, point: dict, colum
 # ---------------------------------------------------------------------------------------------------------
 
 def test_windows(dataset, preset: Preset) -> list:
-    return dataset.test[:preset.test_limit] if preset.test_limit else dataset.test
+    """The test split, or where it has more than preset.test_limit windows a seeded sample of that many (in the
+    split's order): the same windows for every arm, and for every test unit of a resumed study."""
+    if not preset.test_limit or preset.test_limit >= len(dataset.test):
+        return dataset.test
+    keep = np.random.default_rng(preset.seed).choice(len(dataset.test), preset.test_limit, replace=False)
+    return [dataset.test[i] for i in sorted(keep)]
 
 
 def read_run(path: Path) -> dict:

@@ -153,11 +153,25 @@ def teacher_forced_ranks(model, prompt: list[int], tokens, trie) -> list[int]:
     return ranks
 
 
+def test_a_test_split_larger_than_the_limit_is_a_seeded_sample():
+    """test_limit windows drawn without replacement, in the split's order, the same on every call (every arm
+    and every resumed unit sees the same windows); a split no larger than the limit is taken whole."""
+    split = SimpleNamespace(test=[f"window {i}" for i in range(100)])
+    preset = dataclasses.replace(study.PRESETS["cpu"], test_limit=30)
+    sample = study.test_windows(split, preset)
+    assert len(set(sample)) == 30 and set(sample) <= set(split.test)
+    assert sample == sorted(sample, key=split.test.index) and sample == study.test_windows(split, preset)
+    assert sample != split.test[:30]  # a sample of the whole split, not its head
+    assert study.test_windows(split, dataclasses.replace(preset, seed=7)) != sample
+    assert study.test_windows(split, dataclasses.replace(preset, test_limit=100)) == split.test
+    assert study.test_windows(split, dataclasses.replace(preset, test_limit=0)) == split.test
+
+
 @pytest.mark.parametrize("settings", [{}, {"length_penalty": 1.0}, {"mask_before_softmax": False}])
 def test_study_metrics_equal_eval_py_and_hand_counts(tmp_path, tiny_preset, settings):
     """One test unit against eval.py's evaluate (full exact top-K on every example) and the definitions, under
-    our search settings and the authors' (the evaluation-only arms)."""
-    preset = dataclasses.replace(tiny_preset, test_limit=6)
+    our search settings and the authors' (the evaluation-only arms), on a seeded sample of the test split."""
+    preset = dataclasses.replace(tiny_preset, test_limit=4)  # 4 of the slice's 6 test windows
     results, work = tmp_path / "results", tmp_path / "work"
     run = study.train_unit(preset, results, work, "bear", loss="bear", lr=3e-2)
     study.evaluate_unit(preset, results, work, "bear", run, **settings)
@@ -183,18 +197,20 @@ def test_study_metrics_equal_eval_py_and_hand_counts(tmp_path, tiny_preset, sett
     model = load_model(preset.model, dtype=torch.float32)
     load_adapter(model, results / "runs" / "bear" / "adapter")
     model.eval()
+    windows = study.test_windows(dataset, preset)
+    assert [(r["user_id"], r["target"]) for r in records] == [(e.user_id, e.target) for e in windows]
     config = beam.BeamConfig(beam_width=preset.beam_width, batch_size=preset.eval_batch, **settings)
-    reference, _ = evaluation.evaluate(model, dataset, tokenizer, trie, dataset.test[:6], config,
+    reference, _ = evaluation.evaluate(model, dataset, tokenizer, trie, windows, config,
                                        cli.Distributed(), pruning=True)
     for name in ("ndcg@5", "ndcg@10", "hr@5", "hr@10", "pr@5", "pr@10"):
         assert ours[name] == pytest.approx(reference[name], abs=1e-12), name
     # Each target's token ranks from one unpadded forward, compared by Python, and the study's.
     violated = [max(teacher_forced_ranks(model, data.prompt_tokens(dataset.prompt(e), tokenizer),
                                          trie.item_tokens[e.target], trie)) >= preset.beam_width
-                for e in dataset.test[:6]]
+                for e in windows]
     assert [max(r["token_ranks"]) >= preset.beam_width for r in records] == violated
     # The beam's returned lists are the plain beam search's.
-    prompts = [data.prompt_tokens(dataset.prompt(e), tokenizer) for e in dataset.test[:6]]
+    prompts = [data.prompt_tokens(dataset.prompt(e), tokenizer) for e in windows]
     plain = beam.beam_search(model, prompts, trie, tokenizer.eos_id, tokenizer.pad_id, config)
     assert [[items for items, _ in r["beam"]] for r in records] == \
         [[sorted(items) for items, _ in result] for result in plain]
@@ -343,6 +359,12 @@ def test_report_numbers_from_a_hand_made_results_folder(tmp_path):
 
     # Cost per step: the median of each run's step times, relative to SFT's (2.0 s).
     assert "msl/sft 1.50x, bear/sft 1.65x" in text
+
+    # The test windows: the whole split, or a sample of it where the units record a larger split.
+    assert "test on 12 test windows, B = 10" in text
+    unit = results / "test" / "msl" / "unit.json"
+    unit.write_text(json.dumps({**json.loads(unit.read_text()), "test_split": 40}))
+    assert "test on 12 test windows (a seeded sample of the split's 40), B = 10" in study.report(results)
 
 
 # ------------------------------------------------------------ the exact-search shortcut against brute force
