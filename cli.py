@@ -248,7 +248,7 @@ def cli_main(main, argv=None) -> int:
         line, path = f"error: {err}", os.environ.get("TORCHELASTIC_ERROR_FILE")
         if rank0:
             print(line, file=sys.stderr, flush=True)
-        if rank0 and path:  # shown in torchrun's summary (else `error_file: <N/A>`)
+        if path:  # torchrun's summary shows the first rank to end, any rank (else `error_file: <N/A>`)
             info = {"py_callstack": line, "timestamp": str(int(time.time()))}  # @record's format
             Path(path).write_text(json.dumps({"message": {"message": line, "extraInfo": info}}))
         return 1 if isinstance(err, RunStopped) else 2

@@ -181,7 +181,10 @@ def run_study(preset: Preset, results: Path, work: Path) -> None:
     # S-DPO and S-DPO + BEAR (Fig. 7) from this SFT run, also their frozen reference: S-DPO's learning rate
     # chosen on validation, S-DPO + BEAR at it with BEAR's chosen lambda and xi; the same negatives (seeded).
     if preset.sdpo_lr_grid:
-        start = dict(init_adapter=sft["dir"] / "adapter")
+        # A prompt brings its positive and 3 negatives (train.py's default), 4 sequences: a micro-batch of a quarter
+        # of the prompts holds as many sequences as the other losses' (at 8 prompts S-DPO peaked at 21.5 GB on the
+        # CPU preset and was killed for memory). The optimizer step is the same global batch either way.
+        start = dict(init_adapter=sft["dir"] / "adapter", micro_batch=max(1, preset.micro_batch // 4))
         sdpo_runs = [train_unit(preset, results, work, f"sdpo-lr{rate:g}", loss="sdpo", lr=rate, **start)
                      for rate in preset.sdpo_lr_grid]
         sdpo = select(sdpo_runs)
@@ -356,7 +359,10 @@ def evaluate_chunk(model, dataset, tokenizer, trie, chunk, first, config, progre
 
     The exact top-K search runs only where it can matter: if B returned items (real items, their total log-prob
     the beam's score x gen_len ** length_penalty) already beat the target's total log-prob, the target is not
-    in the exact top-B, with no search."""
+    in the exact top-B, with no search. With the mask after the softmax (SFT as its authors search it) it does
+    not run at all, and the records carry no exact rank (PR@K n/a): every token then costs a forward (p < 1
+    even where the trie has one child) and the k-th item's total log-prob is far down, so the first 64 Office
+    windows had not finished after 11 min, against about 1 min for the whole chunk with the mask before."""
     import beam
     import data
     prompts = [data.prompt_tokens(dataset.prompt(e), tokenizer) for e in chunk]
@@ -371,15 +377,19 @@ def evaluate_chunk(model, dataset, tokenizer, trie, chunk, first, config, progre
     need = [i for i, (target, returned) in enumerate(zip(targets, results))
             if sum(target not in items and total(items, score) > log_prob[i] for items, score in returned) < top]
     exact = dict(zip(need, beam.exact_topk(model, [prompts[i] for i in need], trie, top, tokenizer.eos_id,
-                                           tokenizer.pad_id, config))) if need else {}
-    return [{"i": first + i, "user_id": e.user_id, "target": e.target,
-             "beam_rank": beam.rank_of(e.target, results[i]),
-             "beam": [[sorted(items), round(score, 5)] for items, score in results[i]],
-             "target_log_prob": round(log_prob[i], 5),
-             "exact_searched": i in exact,
-             "exact_rank": beam.rank_of(e.target, exact[i][:top]) if i in exact else None,
-             "token_ranks": forced[i][0], "token_valid": forced[i][1]}
-            for i, e in enumerate(chunk)]
+                                           tokenizer.pad_id, config))) if need and config.mask_before_softmax else {}
+    records = [{"i": first + i, "user_id": e.user_id, "target": e.target,
+                "beam_rank": beam.rank_of(e.target, results[i]),
+                "beam": [[sorted(items), round(score, 5)] for items, score in results[i]],
+                "target_log_prob": round(log_prob[i], 5),
+                "exact_searched": i in exact,
+                "exact_rank": beam.rank_of(e.target, exact[i][:top]) if i in exact else None,
+                "token_ranks": forced[i][0], "token_valid": forced[i][1]}
+               for i, e in enumerate(chunk)]
+    if not config.mask_before_softmax:
+        for record in records:
+            del record["exact_searched"], record["exact_rank"]
+    return records
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -408,13 +418,14 @@ def per_example(records: list[dict], beam_width: int) -> dict[str, np.ndarray]:
         columns[f"hr@{k}"] = (rank < k).astype(float)
         columns[f"ndcg@{k}"] = np.where(rank < k, 1.0 / np.log2(np.minimum(rank, k) + 2), 0.0)
     if records and "token_ranks" in records[0]:
-        exact = np.array([np.inf if r["exact_rank"] is None else r["exact_rank"] for r in records], dtype=float)
         violated = np.array([max(r["token_ranks"]) >= beam_width for r in records], dtype=float)
+        columns["nc_rate"] = 1.0 - violated
+    if records and "exact_rank" in records[0]:
+        exact = np.array([np.inf if r["exact_rank"] is None else r["exact_rank"] for r in records], dtype=float)
         for k in CUTOFFS:
             columns[f"eligible@{k}"] = (exact < k).astype(float)
             columns[f"pruned@{k}"] = ((exact < k) & ~(rank < math.inf)).astype(float)
         columns["pruned_violated@10"] = columns["pruned@10"] * violated
-        columns["nc_rate"] = 1.0 - violated
     return columns
 
 
@@ -425,10 +436,11 @@ def metrics_from(columns: dict[str, np.ndarray], weights: np.ndarray | None = No
     sums = {name: weights @ column for name, column in columns.items()}
     out = {name: sums[name] / n for name in columns if "@" not in name or name.split("@")[0] in ("hr", "ndcg")}
     if "nc_rate" in columns:
+        out["nc_rate"] = sums["nc_rate"] / n
+    if "eligible@10" in columns:
         for k in CUTOFFS:
             out[f"pr@{k}"] = sums[f"pruned@{k}"] / np.maximum(sums[f"eligible@{k}"], 1)
         out["violation_share"] = sums["pruned_violated@10"] / np.maximum(sums["pruned@10"], 1)
-        out["nc_rate"] = sums["nc_rate"] / n
     return out
 
 
@@ -438,11 +450,15 @@ COUNT_LABELS = {"hits": "hits@10", "eligible": "in the exact top-10", "pruned": 
 
 
 def counts(columns: dict[str, np.ndarray]) -> dict[str, float]:
-    """The test windows behind the ratios (Fig. 4/6's numerators and denominators), keyed as COUNT_LABELS."""
+    """The test windows behind the ratios (Fig. 4/6's numerators and denominators), keyed as COUNT_LABELS; None
+    for the exact top-10's where no exact search ran (the mask after the softmax)."""
     violating = 1.0 - columns["nc_rate"]
-    return {"hits": columns["hr@10"].sum(), "eligible": columns["eligible@10"].sum(),
-            "pruned": columns["pruned@10"].sum(), "pruned_violating": columns["pruned_violated@10"].sum(),
-            "violating": violating.sum(), "violating_eligible": (violating * columns["eligible@10"]).sum()}
+    exact = "eligible@10" in columns
+    return {"hits": columns["hr@10"].sum(), "eligible": columns["eligible@10"].sum() if exact else None,
+            "pruned": columns["pruned@10"].sum() if exact else None,
+            "pruned_violating": columns["pruned_violated@10"].sum() if exact else None,
+            "violating": violating.sum(),
+            "violating_eligible": (violating * columns["eligible@10"]).sum() if exact else None}
 
 
 def report(results: Path) -> str:
@@ -510,6 +526,9 @@ def report(results: Path) -> str:
     # S-DPO's arms against the SFT they start from (retrained on the current weights where the first predates them).
     sft_arm = next((arm for arm in arms if arm.startswith("sft-w")), "sft")
     pairs += [(a, sft_arm) for a in ("sdpo", "sdpo-bear") if a in arms and sft_arm in arms]
+    # ... and so is BEAR's chosen point (the pair bear-lp1 - sft-mask-after mirrors under the authors' settings).
+    bear_now = f"bear-tw{selection.get('topk_weight', 0):g}-xi{selection.get('xi', 0):g}"
+    pairs += [(bear_now, sft_arm)] if sft_arm != "sft" and {bear_now, sft_arm} <= set(arms) else []
     # An arm under other search settings (the authors' evaluation) against the same run's test under ours.
     pairs += [(a, b) for a in arms if units[a].get("settings") for b in arms
               if arm_run[b] == arm_run[a] is not None and not units[b].get("settings")]
@@ -517,7 +536,8 @@ def report(results: Path) -> str:
     if counted:  # the counts behind the ratios above, which the README's reading of the claims quotes
         lines += ["", "**Counts** (test windows): " + " / ".join(COUNT_LABELS.values()) + ":", ""]
         for arm in counted:
-            lines.append(f"- {ARM_LABELS.get(arm, arm)}: " + " / ".join(f"{v:.0f}" for v in counts(columns[arm]).values()))
+            lines.append(f"- {ARM_LABELS.get(arm, arm)}: " + " / ".join("n/a" if v is None else f"{v:.0f}"
+                                                                       for v in counts(columns[arm]).values()))
         for a, b in pairs:  # every arm of PAIRS is a model arm, so both have the necessary-condition columns
             meets_a, meets_b = columns[a]["nc_rate"], columns[b]["nc_rate"]
             gained, lost = meets_a * (1.0 - meets_b), meets_b * (1.0 - meets_a)
@@ -531,6 +551,9 @@ def report(results: Path) -> str:
             diff_a, diff_b = metrics_from(columns[a], weights), metrics_from(columns[b], weights)
             cells = []
             for name in CI_METRICS:
+                if name not in point[a] or name not in point[b]:  # PR@K where no exact search ran
+                    cells.append("n/a")
+                    continue
                 delta = point[a][name] - point[b][name]
                 low, high = np.percentile(diff_a[name] - diff_b[name], [2.5, 97.5])
                 cells.append(f"{delta:+.4f} [{low:+.4f}, {high:+.4f}]")

@@ -7,6 +7,7 @@ compared byte for byte before and after each refused command.
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -216,13 +217,16 @@ def test_a_missing_paper_dataset_is_fetched_or_explained_in_one_line(tmp_path, t
 
 def test_under_torchrun_the_error_line_is_in_the_launchers_summary(tmp_path, tiny_llama, office_slice):
     """torchrun ends with its own ~50 lines; the child's one `error:` line is repeated in its Root Cause box.
-    torchrun exits 1 (its ChildFailedError) whatever its children return; the box shows rank 0's 2."""
+    torchrun exits 1 (its ChildFailedError) whatever its children return. The box shows whichever rank ended
+    first (every rank writes the error file): exit code 2, or SIGTERM if the group was stopped meanwhile."""
     out = tmp_path / "run"
     result = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
                   *train_argv(tiny_llama, office_slice, out), "--lam", "-1"])
     assert result.returncode == 1, result.stderr[-3000:]
-    assert result.stderr.count("error: --lam must be >= 0") == 2, result.stderr[-3000:]  # the line, the summary
     summary = result.stderr[result.stderr.index("Root Cause"):]
-    assert "rank      : 0 (local_rank: 0)\n  exitcode  : 2 (pid: " in summary, summary
-    assert "traceback : error: --lam must be >= 0 (0 = the base loss alone), got -1.0" in summary
+    assert re.search(r"rank      : [01] \(local_rank: [01]\)\n  exitcode  : (2|-15) \(pid: ", summary), summary
+    assert "traceback : error: --lam must be >= 0 (0 = the base loss alone), got -1.0" in summary, summary
+    assert "exitcode  : 2 (pid: " in result.stderr, result.stderr[-3000:]  # the rank that ended first
+    # the line itself comes from rank 0 alone: at most once (none if the group stopped rank 0 before it printed)
+    assert len(re.findall(r"^error: --lam must be >= 0", result.stderr, re.M)) <= 1, result.stderr[-3000:]
     assert not out.exists()
