@@ -3,7 +3,8 @@
   1. ours (model.py + lora.py + loss.py, logits only at the label positions) vs a plain transformers + peft
      loop (full (b, T, V) logits, cross-entropy with -100 labels) on the SAME micro-batch: label tokens / s;
   2. the step-time ratios of the losses: bear / sft, bear / msl, obj31 / sft (issue 4's goals: bear <= 1.05x,
-     obj31 < 2.5x);
+     obj31 < 2.5x), sdpo / sft and sdpo-bear / sdpo (the same prompts; S-DPO's reference log-probs, computed
+     once per run, are not part of a step);
   3. the validation pass's share of an epoch at the paper's sizes (10,000 training windows, Office's 1,925
      validation windows, B = 10), from the measured time per training window and per validated window.
 
@@ -33,10 +34,10 @@ from model import load_model  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 
-def our_step(model, optimizer, batch, micro, trie, config, tokenizer):
-    def step():
-        per_position = train.label_position_losses(model, batch, micro, trie, config, tokenizer)  # (N,)
-        (per_position.sum() / batch["num_label_tokens"]).backward()
+def our_step(model, optimizer, batch, micro, trie, config, tokenizer, preference=None):
+    def step():  # (N,) per label position; S-DPO: (U,) per prompt
+        per_position = train.label_position_losses(model, batch, micro, trie, config, tokenizer, None, preference)
+        (per_position.sum() / per_position.numel()).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
@@ -69,7 +70,7 @@ def main():
     parser.add_argument("--batch", type=int, default=4, help="windows per micro-batch")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--valid", type=int, default=8, help="validation windows to time")
-    parser.add_argument("--losses", default="sft,msl,bear,obj31")
+    parser.add_argument("--losses", default="sft,msl,bear,obj31,sdpo,sdpo-bear")
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -87,9 +88,12 @@ def main():
     apply_lora(model, train.lora_config(train.TrainConfig()))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
+    negatives = data.sample_negatives(dataset.train[:args.batch], dataset.titles, 3, seed=42)  # (U, 3)
+    preference = negatives, torch.zeros(args.batch, 4, dtype=torch.float64)  # the reference's values: no cost
     for loss in args.losses.split(","):
         config = train.TrainConfig(dataset=args.dataset, model=args.model, loss=loss)
-        steps[loss] = our_step(model, optimizer, batch, micro, trie, config, tokenizer)
+        steps[loss] = our_step(model, optimizer, batch, micro, trie, config, tokenizer,
+                               preference if loss in train.PREFERENCE_LOSSES else None)
 
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
@@ -116,7 +120,7 @@ def main():
     print("\nratios (same run, same batch):")
     if "sft" in seconds:
         print(f"  throughput ours sft / transformers+peft sft: {seconds['peft'] / seconds['sft']:.2f}x")
-    for num, den in (("bear", "sft"), ("bear", "msl"), ("obj31", "sft")):
+    for num, den in (("bear", "sft"), ("bear", "msl"), ("obj31", "sft"), ("sdpo", "sft"), ("sdpo-bear", "sdpo")):
         if num in seconds and den in seconds:
             print(f"  step time {num} / {den}: {seconds[num] / seconds[den]:.3f}x")
     for loss in ("sft", "bear"):

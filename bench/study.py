@@ -26,7 +26,8 @@ The protocol, in the order `run_study` executes it (every step a UNIT, skipped w
  8. RQ5 (Fig. 8): BEAR one factor at a time around the chosen (lambda', xi); the scale point: MSL and the
     chosen BEAR on scale_samples training windows
  9. SFT under the authors' evaluation (mask after the softmax; retrained first on these weights where the
-    first predates them); S-DPO over sdpo_lr_grid from that SFT run, S-DPO + BEAR at the chosen rate (Fig. 7)
+    first predates them); S-DPO over sdpo_lr_grid from that SFT run, S-DPO + BEAR at the chosen rate (Fig. 7),
+    each tested under ours and with the mask after the softmax (S-DPO trains the full softmax, as SFT)
 
 Never is anything selected on test. A unit writes its folder under --results atomically (as NAME.tmp, then
 renamed), so rerunning skips finished units, and an interrupted training resumes from its last checkpoint in
@@ -191,9 +192,12 @@ def run_study(preset: Preset, results: Path, work: Path) -> None:
         drop_adapters(sdpo_runs, sdpo)
         evaluate_unit(preset, results, work, "sdpo", sdpo)
         rate = sdpo["config"]["lr"]
-        evaluate_unit(preset, results, work, "sdpo-bear", train_unit(
-            preset, results, work, f"sdpobear-lr{rate:g}-tw{tw:g}-xi{xi:g}", loss="sdpo-bear", lr=rate, lam=lam,
-            xi=xi, **start))
+        sdpo_bear = train_unit(preset, results, work, f"sdpobear-lr{rate:g}-tw{tw:g}-xi{xi:g}", loss="sdpo-bear",
+                               lr=rate, lam=lam, xi=xi, **start)
+        evaluate_unit(preset, results, work, "sdpo-bear", sdpo_bear)
+        # S-DPO trains the full-vocabulary softmax, as SFT: also searched as SFT's authors search it.
+        for arm, run in (("sdpo-mask-after", sdpo), ("sdpo-bear-mask-after", sdpo_bear)):
+            evaluate_unit(preset, results, work, arm, run, mask_before_softmax=False)
     print(f"study: every unit done ({time.time() - started:.0f} s this invocation)", flush=True)
 
 
@@ -276,7 +280,7 @@ def train_unit(preset: Preset, results: Path, work: Path, name: str, **flags) ->
               flush=True)
         started = time.time()
         code = subprocess.run(launcher + [str(a) for a in argv], cwd=REPO).returncode
-        wall = add_wall_seconds(out, time.time() - started)
+        wall = add_wall_seconds(out / "study_wall.json", time.time() - started)
         if code != 0:
             raise StudyError(f"unit runs/{name}: train.py exited with {code} (its output is above)")
         manifest = json.loads((out / "checkpoint.json").read_text())
@@ -324,7 +328,7 @@ def evaluate_unit(preset: Preset, results: Path, work: Path, arm: str, run: dict
     # The weights the run recorded, as eval.py --ckpt loads them: a hub id at its commit, or a folder.
     trained = run["config"] if run is not None else {}
     source = resolve_model(trained.get("model", preset.model), revision=trained.get("model_revision"))
-    partial = work / "test" / f"{arm}.partial.jsonl"
+    partial, wall_file = work / "test" / f"{arm}.partial.jsonl", work / "test" / f"{arm}.wall.json"
     partial.parent.mkdir(parents=True, exist_ok=True)
     records = read_partial(partial)
     tokenizer = load_tokenizer(source.folder)
@@ -347,10 +351,14 @@ def evaluate_unit(preset: Preset, results: Path, work: Path, arm: str, run: dict
                          evaluate_chunk(model, dataset, tokenizer, trie, chunk, first, config,
                                         lambda done: progress(first + done)))
             f.flush()
+            add_wall_seconds(wall_file, time.time() - started)  # a killed unit keeps the time of its chunks
+            started = time.time()
     records = read_partial(partial)
-    commit_unit(dest, records, {"arm": arm, "run": run["name"] if run else None, "wall_s": time.time() - started,
+    commit_unit(dest, records, {"arm": arm, "run": run["name"] if run else None,
+                                "wall_s": add_wall_seconds(wall_file, time.time() - started),
                                 "code": code_version(), "settings": settings, "test_split": len(dataset.test)})
     partial.unlink()
+    wall_file.unlink()
 
 
 def evaluate_chunk(model, dataset, tokenizer, trie, chunk, first, config, progress) -> list[dict]:
@@ -403,10 +411,13 @@ ARM_LABELS = {"popularity": "popularity", "base": "base model (untuned)", "sft":
               "msl-lp1": "MSL, length penalty 1.0 (authors' evaluation)",
               "bear-lp1": "BEAR, length penalty 1.0 (authors' evaluation)",
               "sft-mask-after": "SFT, mask after the softmax (authors' evaluation)",
-              "sdpo": "S-DPO (from SFT)", "sdpo-bear": "S-DPO + BEAR (from SFT)"}
+              "sdpo": "S-DPO (from SFT)", "sdpo-bear": "S-DPO + BEAR (from SFT)",
+              "sdpo-mask-after": "S-DPO, mask after the softmax", "sdpo-bear-mask-after":
+                  "S-DPO + BEAR, mask after the softmax"}
 PAIRS = (("bear", "msl"), ("bear", "sft"), ("obj31", "bear"), ("bear-authors-norm", "bear"),
          ("bear-violators", "bear"), ("sdpo-bear", "sdpo"),
-         ("bear-lp1", "msl-lp1"), ("bear-lp1", "sft-mask-after"))  # each searched as its authors search it
+         ("bear-lp1", "msl-lp1"), ("bear-lp1", "sft-mask-after"),  # each searched as its authors search it
+         ("sdpo-bear-mask-after", "sdpo-mask-after"), ("sdpo-mask-after", "sft-mask-after"))
 CI_METRICS = ("ndcg@10", "hr@10", "pr@10", "nc_rate")
 
 
@@ -752,11 +763,10 @@ def commit_unit(dest: Path, records: list[dict], unit: dict) -> None:
     print(f"unit {dest.parent.name}/{dest.name} done ({unit['wall_s']:.0f} s)", flush=True)
 
 
-def add_wall_seconds(out: Path, seconds: float) -> float:
-    """Wall time of a training unit summed over its (possibly interrupted) invocations."""
-    path = out / "study_wall.json"
+def add_wall_seconds(path: Path, seconds: float) -> float:
+    """Wall time of a unit summed over its (possibly interrupted) invocations, kept in the JSON file `path`."""
     total = (json.loads(path.read_text())["wall_s"] if path.exists() else 0.0) + seconds
-    if out.exists():
+    if path.parent.exists():
         write_json(path, {"wall_s": total})
     return total
 

@@ -88,6 +88,7 @@ def test_study_end_to_end_resumes_skips_and_reports_from_raw_files(tmp_path, tin
     assert len(points) in (1, 2) and (selection["topk_weight"], selection["xi"]) not in points
     sweep = [f"bear-tw{tw:g}-xi{xi:g}" for tw, xi in points]
     evaluation_only = ["msl-lp1", "bear-lp1", "sft-mask-after"]  # the authors' search settings, same runs
+    evaluation_only += ["sdpo-mask-after", "sdpo-bear-mask-after"]  # ... as SFT, for S-DPO's full softmax
     for arm in [*study.ARMS, *sweep, "msl-n24", "bear-n24", *evaluation_only, "sdpo", "sdpo-bear"]:
         assert (results / "test" / arm / "examples.jsonl").exists(), arm
     assert (results / "valid" / "popularity" / "examples.jsonl").exists()
@@ -95,7 +96,8 @@ def test_study_end_to_end_resumes_skips_and_reports_from_raw_files(tmp_path, tin
     assert "| popularity (floor) |" in text
     assert all(f"| {arm} |" in text for arm in sweep) and "| 0 (MSL) | - | msl |" in text
     assert "| 24 | bear-n24 − msl-n24 |" in text and "| 24 | msl-n24 − msl |" in text
-    assert all(f"| {a} − {b} |" in text for a, b in zip(evaluation_only, ["msl", "bear", "sft"]))
+    assert all(f"| {a} − {b} |" in text for a, b in zip(evaluation_only, ["msl", "bear", "sft", "sdpo", "sdpo-bear"]))
+    assert "| sdpo-bear-mask-after − sdpo-mask-after |" in text and "| sdpo-mask-after − sft-mask-after |" in text
     assert "| bear-lp1 − msl-lp1 |" in text and "| bear-lp1 − sft-mask-after |" in text
     row = next(line for line in text.splitlines() if line.startswith("| bear-lp1 − sft-mask-after |"))
     assert row.split(" | ")[3] == "n/a"  # PR@10: no exact search with the mask after the softmax
@@ -111,6 +113,8 @@ def test_study_end_to_end_resumes_skips_and_reports_from_raw_files(tmp_path, tin
     units = len(preset.lr_grid) + len(preset.bear_grid) + 4 + len(points) + 2 + 2  # ... + S-DPO, S-DPO + BEAR
     assert len(list((results / "runs").iterdir())) == units
     assert (results / "report.md").read_text() in done.stdout
+    assert not list((work / "test").iterdir())  # each test unit's partial records and wall time, once committed
+    assert all(json.loads((unit / "unit.json").read_text())["wall_s"] > 0 for unit in (results / "test").iterdir())
 
     # A second invocation does nothing: every unit is skipped, no file changes.
     before = tree_state(results)
@@ -118,7 +122,7 @@ def test_study_end_to_end_resumes_skips_and_reports_from_raw_files(tmp_path, tin
     assert again.returncode == 0, again.stderr[-3000:]
     assert not [line for line in again.stdout.splitlines() if line.startswith("unit ")], again.stdout[:2000]
     assert sum(line.startswith("skip ") for line in again.stdout.splitlines()) == \
-        len(study.ARMS) + 1 + units + len(points) + 2 + 3 + 2  # + valid popularity, sweep, scale, evaluation, S-DPO
+        len(study.ARMS) + 1 + units + len(points) + 2 + 5 + 2  # + valid popularity, sweep, scale, evaluation, S-DPO
     assert tree_state(results) == before
 
     # The report mode (a new process, no model) reproduces the same text from the raw files.
