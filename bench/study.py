@@ -324,7 +324,7 @@ def evaluate_unit(preset: Preset, results: Path, work: Path, arm: str, run: dict
     from model import DTYPES, load_model
     from tokenizer import load_tokenizer
 
-    started = time.time()
+    since = time.time()  # the wall time not yet added to wall_file
     # The weights the run recorded, as eval.py --ckpt loads them: a hub id at its commit, or a folder.
     trained = run["config"] if run is not None else {}
     source = resolve_model(trained.get("model", preset.model), revision=trained.get("model_revision"))
@@ -351,11 +351,11 @@ def evaluate_unit(preset: Preset, results: Path, work: Path, arm: str, run: dict
                          evaluate_chunk(model, dataset, tokenizer, trie, chunk, first, config,
                                         lambda done: progress(first + done)))
             f.flush()
-            add_wall_seconds(wall_file, time.time() - started)  # a killed unit keeps the time of its chunks
-            started = time.time()
+            add_wall_seconds(wall_file, time.time() - since)  # a killed unit keeps the time of its chunks
+            since = time.time()
     records = read_partial(partial)
     commit_unit(dest, records, {"arm": arm, "run": run["name"] if run else None,
-                                "wall_s": add_wall_seconds(wall_file, time.time() - started),
+                                "wall_s": add_wall_seconds(wall_file, time.time() - since),
                                 "code": code_version(), "settings": settings, "test_split": len(dataset.test)})
     partial.unlink()
     wall_file.unlink()
@@ -382,22 +382,19 @@ def evaluate_chunk(model, dataset, tokenizer, trie, chunk, first, config, progre
     def total(items, score):  # gen_len = the item's tokens, EOS included
         return score * len(trie.item_tokens[min(items)]) ** config.length_penalty
 
-    need = [i for i, (target, returned) in enumerate(zip(targets, results))
-            if sum(target not in items and total(items, score) > log_prob[i] for items, score in returned) < top]
+    searched = config.mask_before_softmax  # with the mask after: no exact search, no exact fields
+    need = [i for i, (target, returned) in enumerate(zip(targets, results)) if searched and
+            sum(target not in items and total(items, score) > log_prob[i] for items, score in returned) < top]
     exact = dict(zip(need, beam.exact_topk(model, [prompts[i] for i in need], trie, top, tokenizer.eos_id,
-                                           tokenizer.pad_id, config))) if need and config.mask_before_softmax else {}
-    records = [{"i": first + i, "user_id": e.user_id, "target": e.target,
-                "beam_rank": beam.rank_of(e.target, results[i]),
-                "beam": [[sorted(items), round(score, 5)] for items, score in results[i]],
-                "target_log_prob": round(log_prob[i], 5),
-                "exact_searched": i in exact,
-                "exact_rank": beam.rank_of(e.target, exact[i][:top]) if i in exact else None,
-                "token_ranks": forced[i][0], "token_valid": forced[i][1]}
-               for i, e in enumerate(chunk)]
-    if not config.mask_before_softmax:
-        for record in records:
-            del record["exact_searched"], record["exact_rank"]
-    return records
+                                           tokenizer.pad_id, config))) if need else {}
+    return [{"i": first + i, "user_id": e.user_id, "target": e.target,
+             "beam_rank": beam.rank_of(e.target, results[i]),
+             "beam": [[sorted(items), round(score, 5)] for items, score in results[i]],
+             "target_log_prob": round(log_prob[i], 5),
+             **({"exact_searched": i in exact,
+                 "exact_rank": beam.rank_of(e.target, exact[i][:top]) if i in exact else None} if searched else {}),
+             "token_ranks": forced[i][0], "token_valid": forced[i][1]}
+            for i, e in enumerate(chunk)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -488,6 +485,8 @@ def report(results: Path) -> str:
         else {}
     units = {arm: json.loads((results / "test" / arm / "unit.json").read_text()) for arm in arms}
     arm_run = {arm: unit.get("run") for arm, unit in units.items()}
+    # BEAR's chosen point under the sweep's arm name (its test on the current weights where it was retrained).
+    chosen_arm = f"bear-tw{selection.get('topk_weight', 0):g}-xi{selection.get('xi', 0):g}"
 
     rng = np.random.default_rng(preset["seed"])
     n = len(next(iter(arms.values()))) if arms else 0
@@ -538,8 +537,7 @@ def report(results: Path) -> str:
     sft_arm = next((arm for arm in arms if arm.startswith("sft-w")), "sft")
     pairs += [(a, sft_arm) for a in ("sdpo", "sdpo-bear") if a in arms and sft_arm in arms]
     # ... and so is BEAR's chosen point (the pair bear-lp1 - sft-mask-after mirrors under the authors' settings).
-    bear_now = f"bear-tw{selection.get('topk_weight', 0):g}-xi{selection.get('xi', 0):g}"
-    pairs += [(bear_now, sft_arm)] if sft_arm != "sft" and {bear_now, sft_arm} <= set(arms) else []
+    pairs += [(chosen_arm, sft_arm)] if sft_arm != "sft" and {chosen_arm, sft_arm} <= set(arms) else []
     # An arm under other search settings (the authors' evaluation) against the same run's test under ours.
     pairs += [(a, b) for a in arms if units[a].get("settings") for b in arms
               if arm_run[b] == arm_run[a] is not None and not units[b].get("settings")]
@@ -602,8 +600,7 @@ def report(results: Path) -> str:
         sweep_figure(results, sweep, selection, point, columns, weights, baseline)
     scaled = sorted({arm.split("-n")[1] for arm in arms if arm.startswith(("msl-n", "bear-n"))}, key=int)
     # At the preset's size, MSL and the chosen BEAR trained on the weights the scale point trains on.
-    chosen = f"bear-tw{selection.get('topk_weight', 0):g}-xi{selection.get('xi', 0):g}"
-    bear_base = chosen if baseline != "msl" and chosen in arms else "bear"
+    bear_base = chosen_arm if baseline != "msl" and chosen_arm in arms else "bear"
     if scaled and {baseline, bear_base} <= set(arms):
         lines += ["", "**Scale** (the same protocol on more training windows; paired bootstrap 95% CIs):", "",
                   "| training windows | difference | " + " | ".join(CI_METRICS) + " | eligible@10 |",
