@@ -334,6 +334,10 @@ def test_report_numbers_from_a_hand_made_results_folder(tmp_path):
                                        ("sft", sft, "sft-run", [2.0, 2.0, 5.0])):
         write_unit(results / "test" / arm, records, run)
         write_run(results / "runs" / run, arm, seconds)
+    # BEAR's run searched again under the authors' settings: an evaluation arm, no training cost of its own.
+    write_unit(results / "test" / "bear-lp1", bear, "bear-run")
+    unit = results / "test" / "bear-lp1" / "unit.json"
+    unit.write_text(json.dumps({**json.loads(unit.read_text()), "settings": {"length_penalty": 1.0}}))
     text = study.report(results)
 
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
@@ -374,7 +378,7 @@ def test_report_numbers_from_a_hand_made_results_folder(tmp_path):
         assert cell == f"{point:+.4f} [{low:+.4f}, {high:+.4f}]", name
 
     # Cost per step: the median of each run's step times, relative to SFT's (2.0 s).
-    assert "msl/sft 1.50x, bear/sft 1.65x" in text
+    assert "same machine): msl/sft 1.50x, bear/sft 1.65x.\n" in text
 
     # The test windows: the whole split, or a sample of it where the units record a larger split.
     assert "test on 12 test windows, B = 10" in text
